@@ -1,0 +1,141 @@
+"""The `flamingo-fast` command line: demo, train, bench, eval, generate, plan, info."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+    import platform
+
+    import torch
+
+    import flamingo_fast
+
+    versions = {"python": platform.python_version(), "flamingo_fast": flamingo_fast.__version__,
+                "torch": torch.__version__, "torch.cuda": str(torch.version.cuda)}
+    for package in ("nvidia-cutlass", "triton", "torchdata", "tokenizers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _device_summary() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (CPU only)"
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+
+
+def _sample_backends() -> dict[str, str]:
+    """Which backend each op picks on this machine for typical inputs (bf16 on a GPU, fp32 on CPU)."""
+    import torch
+
+    from flamingo_fast import ops
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = torch.empty(1, 128, 8, 128, device=device, dtype=dtype)
+    kv = torch.empty(1, 128, 8, 128, device=device, dtype=dtype)
+    return {op: ops.resolve_backend(op, q, kv, kv) for op in ("attention", "media_cross_attention",
+                                                               "perceiver_attention")}
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flamingo_fast import native
+
+    console = Console()
+    table = Table(title="flamingo-fast", show_header=False)
+    for name, version in _versions().items():
+        table.add_row(name, version)
+    table.add_row("device", _device_summary())
+    build = native.build_info()
+    if build["available"]:
+        cuda = f"CUDA {build['cuda_version']} for {build['cuda_archs']}" if build["cuda"] else "host only (no CUDA)"
+        table.add_row("_C build", cuda)
+        table.add_row("_C functions", ", ".join(build["functions"]))
+    else:
+        table.add_row("_C build", f"[red]not importable[/red]: {build['error']}")
+    for op, backend in _sample_backends().items():
+        table.add_row(f"backend: {op}", backend)
+    console.print(table)
+    return 0
+
+
+def _parse_media_index(text: str):
+    import torch
+
+    rows = [[int(value) for value in row.split(",") if value.strip()] for row in text.split(";")]
+    if len({len(row) for row in rows}) != 1:
+        raise SystemExit("--media-index: every row (separated by ';') needs the same length")
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the media-mask tile plan for a given media_index pattern."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flamingo_fast.tile_plan import plan_media_tiles
+
+    media_index = _parse_media_index(args.media_index)
+    num_images = int(media_index.max().item()) + 1 if args.num_images is None else args.num_images
+    num_keys = max(num_images, 0) * args.latents
+    q_plan, k_plan = plan_media_tiles(media_index, num_keys, args.latents, args.block_q, args.block_k,
+                                      not args.all_previous)
+    console = Console()
+    for row in range(media_index.shape[0]):
+        table = Table(title=f"row {row}: {media_index.shape[1]} tokens, {num_keys} keys")
+        table.add_column("query block")
+        table.add_column("keys visited")
+        for block, (begin, end) in enumerate(q_plan[row].tolist()):
+            last = min((block + 1) * args.block_q, media_index.shape[1]) - 1
+            table.add_row(f"{block * args.block_q}..{last}",
+                          f"[{begin}, {end})" if end > begin else "none")
+        console.print(table)
+        keys = Table(title=f"row {row}: key blocks")
+        keys.add_column("key block")
+        keys.add_column("query rows visiting")
+        for block, (begin, end) in enumerate(k_plan[row].tolist()):
+            last = min((block + 1) * args.block_k, num_keys) - 1
+            keys.add_row(f"{block * args.block_k}..{last}",
+                         f"[{begin}, {end})" if end > begin else "none")
+        console.print(keys)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flamingo-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions, what _C contains, and which backend each op uses here")
+    info.set_defaults(handler=cmd_info)
+
+    plan = sub.add_parser("plan", help="show the media-mask tile plan for a media_index pattern")
+    plan.add_argument("--media-index", required=True,
+                      help="comma-separated indices, rows separated by ';' (e.g. '-1,-1,0,0,1;0,0,0,0,0')")
+    plan.add_argument("--num-images", type=int, default=None, help="images supplied (default: max index + 1)")
+    plan.add_argument("--latents", type=int, default=64, help="latents per image")
+    plan.add_argument("--block-q", type=int, default=128)
+    plan.add_argument("--block-k", type=int, default=128)
+    plan.add_argument("--all-previous", action="store_true", help="attend to all previous images")
+    plan.set_defaults(handler=cmd_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
