@@ -34,7 +34,7 @@ def _device_summary() -> str:
 
 
 def _sample_backends() -> dict[str, str]:
-    """Which backend each op picks on this machine for typical inputs (bf16 on a GPU, fp32 on CPU)."""
+    """Which backend each op picks on this machine for typical inputs (bf16 on a GPU, fp32 on CPU), and why not cuda."""
     import torch
 
     from flamingo_fast import ops
@@ -43,8 +43,12 @@ def _sample_backends() -> dict[str, str]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q = torch.empty(1, 128, 8, 128, device=device, dtype=dtype)
     kv = torch.empty(1, 128, 8, 128, device=device, dtype=dtype)
-    return {op: ops.resolve_backend(op, q, kv, kv) for op in ("attention", "media_cross_attention",
-                                                               "perceiver_attention")}
+    choices = {}
+    for op in ("attention", "media_cross_attention", "perceiver_attention"):
+        backend = ops.resolve_backend(op, q, kv, kv)
+        reason = ops.cuda_unsupported_reason(op, q, kv, kv) if backend != "cuda" else None
+        choices[op] = f"{backend} (cuda: {reason})" if reason else backend
+    return choices
 
 
 def cmd_info(args: argparse.Namespace) -> int:

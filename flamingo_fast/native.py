@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 _module: ModuleType | None = None
 _import_error: str | None = None
 _loaded = False
