@@ -1,0 +1,287 @@
+"""Model configuration: one dataclass per component and the named presets.
+
+Parameter budget of the presets (Flamingo paper, Tables 4/5; totals checked by tests/test_models_config.py):
+
+* LM: a Llama-style decoder (RMSNorm, RoPE, SwiGLU, GQA, untied head) with a 32000-token base vocabulary
+  (the Llama tokenizer) plus the two Flamingo tokens. Its SwiGLU width is chosen so the frozen LM lands on
+  the paper's size: 3b 1.37B (paper 1.4B), 9b 7.10B (paper 7.1B), xl 68.98B (= Llama-2-70B; paper ~70B).
+* Vision: CLIP ViT-L/14 at 224 px (24 layers, width 1024, 16 heads, quick-GELU; 303M). The paper's
+  NFNet-F6 has 435M; we use the ViT whose released CLIP weights OpenFlamingo uses, so real weights load
+  (flamingo_fast.convert.from_hf_clip_vision). It costs ~130M params against the paper's totals (< 5%).
+* Resampler: 6 layers, width 1536, 16 heads of 96, 64 latents, FFW 4x (GELU). The ViT's 1024-wide
+  features are projected to 1536 once (`media_proj`); 172M in all (paper 194M; the remainder is NFNet's
+  wider feature map).
+* Gated xattn-dense: FFW 4x with squared ReLU. Per layer: FFW 8 D^2, attention 2 D*I (q, out) +
+  2 * 1536 * I (k, v from the resampler's latents), where I = heads * head_dim.
+  With I = D (3b: 16 x 128, 9b: 32 x 128) this gives 1.16B and 1.80B (paper 1.2B / 1.6B). For xl, I = D
+  (64 x 128) gives only 8.36B for 12 layers against the paper's 10B: the paper's 80B model must have a
+  wider attention than its D. We double the attention width to I = 2D = 16384 as 128 heads of 128
+  (rather than 64 heads of 256: the fused kernels are built for head dims 64/96/128): 855.6M per layer,
+  10.27B for 12 layers (paper: 10B), total 79.9B (paper: 80B).
+
+Token ids: the LM's base vocabulary has `lm.vocab_size` entries; `<image>` = lm.vocab_size and
+`<|endofchunk|>` = lm.vocab_size + 1, so `FlamingoConfig.vocab_size` = lm.vocab_size + 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class VisionConfig:
+    """A CLIP-structured ViT (pre-LN). Features are the patch tokens (and the class token if asked)."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    channels: int = 3
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp_dim: int = 4096
+    activation: str = "quick_gelu"  # CLIP (OpenAI) uses quick_gelu; "gelu" for others
+    layer_norm_eps: float = 1e-5
+    class_token: bool = True  # CLIP has one; it takes a position embedding slot
+    output_class_token: bool = False  # include the class token in the features given to the resampler
+    output_norm: bool = True  # apply post_layernorm to the output features
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_features(self) -> int:
+        """v: the number of feature vectors per image handed to the resampler."""
+        return self.num_patches + int(self.class_token and self.output_class_token)
+
+    def validate(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"vision.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+        if self.width % self.heads:
+            raise ValueError(f"vision.width {self.width} must be divisible by heads {self.heads}")
+        if self.activation not in ("gelu", "quick_gelu"):
+            raise ValueError(f"vision.activation must be 'gelu' or 'quick_gelu', got {self.activation!r}")
+        if self.output_class_token and not self.class_token:
+            raise ValueError("vision.output_class_token needs vision.class_token")
+
+
+@dataclass
+class PerceiverConfig:
+    """Perceiver Resampler: `n_latents` learned queries per image, `depth` layers."""
+
+    dim: int = 1536
+    depth: int = 6
+    heads: int = 16
+    head_dim: int = 96
+    n_latents: int = 64
+    ffw_mult: int = 4
+    max_frames: int = 8  # temporal embeddings: frames F of one media item (video); 1 for still images
+    layer_norm_eps: float = 1e-5
+
+    def validate(self) -> None:
+        if self.max_frames < 1:
+            raise ValueError(f"resampler.max_frames must be >= 1, got {self.max_frames}")
+        if min(self.dim, self.depth, self.heads, self.head_dim, self.n_latents, self.ffw_mult) < 1:
+            raise ValueError(f"resampler dimensions must be positive, got {self}")
+
+
+@dataclass
+class XAttnConfig:
+    """GATED XATTN-DENSE layers, inserted before LM block i when i % every == 0."""
+
+    every: int = 1
+    heads: int = 16
+    head_dim: int = 128
+    kv_heads: Optional[int] = None  # None = heads (no GQA)
+    ffw_mult: int = 4
+    activation: str = "sqrelu"  # paper: squared ReLU; "gelu" reproduces OpenFlamingo's layers
+    only_immediate: bool = True  # False: each token attends to all images up to its latest one
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"xattn.every must be >= 1, got {self.every}")
+        if self.heads % self.n_kv_heads:
+            raise ValueError(f"xattn.heads {self.heads} must be a multiple of kv_heads {self.n_kv_heads}")
+        if self.activation not in ("sqrelu", "gelu"):
+            raise ValueError(f"xattn.activation must be 'sqrelu' or 'gelu', got {self.activation!r}")
+
+
+@dataclass
+class LMConfig:
+    """Llama-style decoder. `vocab_size` is the BASE vocabulary (without the 2 Flamingo tokens)."""
+
+    vocab_size: int = 32000
+    dim: int = 2048
+    layers: int = 24
+    heads: int = 16
+    kv_heads: Optional[int] = None  # None = heads (MHA)
+    ffn_dim: int = 5632
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 4096  # default KV-cache length; RoPE itself has no table limit
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    def validate(self) -> None:
+        if self.dim % self.heads:
+            raise ValueError(f"lm.dim {self.dim} must be divisible by heads {self.heads}")
+        if self.heads % self.n_kv_heads:
+            raise ValueError(f"lm.heads {self.heads} must be a multiple of kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"lm head dim {self.head_dim} must be even for RoPE")
+        if self.vocab_size < 1:
+            raise ValueError(f"lm.vocab_size must be >= 1, got {self.vocab_size}")
+
+
+@dataclass
+class FlamingoConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    resampler: PerceiverConfig = field(default_factory=PerceiverConfig)
+    xattn: XAttnConfig = field(default_factory=XAttnConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    # Labels equal to this id are ignored by the loss (None: the tokenizer has no pad token).
+    pad_token_id: Optional[int] = None
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- token ids ---------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Full vocabulary: LM base vocabulary + `<image>` + `<|endofchunk|>`."""
+        return self.lm.vocab_size + 2
+
+    @property
+    def image_token_id(self) -> int:
+        return self.lm.vocab_size
+
+    @property
+    def eoc_token_id(self) -> int:
+        return self.lm.vocab_size + 1
+
+    @property
+    def xattn_layer_ids(self) -> list[int]:
+        """LM block indices that get a gated xattn-dense layer in front of them."""
+        return [i for i in range(self.lm.layers) if i % self.xattn.every == 0]
+
+    def validate(self) -> None:
+        for part in (self.vision, self.resampler, self.xattn, self.lm):
+            part.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FlamingoConfig":
+        return cls().replace(**d)
+
+    def replace(self, **overrides: Any) -> "FlamingoConfig":
+        """A copy with overrides applied (see `from_preset`)."""
+        return _apply_overrides(copy.deepcopy(self), overrides)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "FlamingoConfig":
+        """Preset "demo" | "3b" | "9b" | "xl", then overrides.
+
+        Overrides are top-level fields (`pad_token_id=0`), whole or partial sub-configs as dicts
+        (`lm={"layers": 2}`, `vision={"image_size": 64}`), or `vocab_size=V`, the FULL vocabulary
+        including the two Flamingo tokens (sets lm.vocab_size = V - 2), so that
+        `from_preset(name, vocab_size=cfg.vocab_size)` round-trips.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        return PRESETS[name]().replace(**overrides)
+
+
+def _apply_overrides(cfg: FlamingoConfig, overrides: dict[str, Any]) -> FlamingoConfig:
+    sub_types = {f.name: f for f in dataclasses.fields(cfg)}
+    for key, value in overrides.items():
+        if key == "vocab_size":
+            if not isinstance(value, int) or value < 3:
+                raise ValueError(f"vocab_size must be an int >= 3 (base vocabulary + 2), got {value!r}")
+            cfg.lm.vocab_size = value - 2
+        elif key not in sub_types:
+            raise ValueError(f"unknown config field {key!r}; expected one of {sorted(sub_types) + ['vocab_size']}")
+        elif key in ("vision", "resampler", "xattn", "lm"):
+            current = getattr(cfg, key)
+            if dataclasses.is_dataclass(value):
+                setattr(cfg, key, copy.deepcopy(value))
+            elif isinstance(value, dict):
+                names = {f.name for f in dataclasses.fields(current)}
+                unknown = set(value) - names
+                if unknown:
+                    raise ValueError(f"unknown {key} config field(s) {sorted(unknown)}; expected {sorted(names)}")
+                setattr(cfg, key, dataclasses.replace(current, **value))
+            else:
+                raise TypeError(f"override {key} must be a dict or {type(current).__name__}, got {type(value).__name__}")
+        else:
+            setattr(cfg, key, value)
+    cfg.validate()
+    return cfg
+
+
+# -- presets -------------------------------------------------------------------------------------------------
+_CLIP_VIT_L14 = dict(image_size=224, patch_size=14, width=1024, layers=24, heads=16, mlp_dim=4096)
+_RESAMPLER = dict(dim=1536, depth=6, heads=16, head_dim=96, n_latents=64)
+
+
+def _demo() -> FlamingoConfig:
+    # Trains on a 2-core CPU in minutes: 2.8M parameters, 32x32 images as 4x4 patches of 8 px, 8 latents.
+    return FlamingoConfig(
+        name="demo",
+        vision=VisionConfig(image_size=32, patch_size=8, width=128, layers=3, heads=4, mlp_dim=512,
+                            activation="gelu"),
+        resampler=PerceiverConfig(dim=128, depth=2, heads=4, head_dim=32, n_latents=8, max_frames=4),
+        xattn=XAttnConfig(every=1, heads=4, head_dim=32),
+        lm=LMConfig(vocab_size=1022, dim=128, layers=4, heads=4, kv_heads=2, ffn_dim=384, max_seq_len=512),
+        pad_token_id=0,
+    )
+
+
+def _3b() -> FlamingoConfig:
+    return FlamingoConfig(
+        name="3b",
+        vision=VisionConfig(**_CLIP_VIT_L14),
+        resampler=PerceiverConfig(**_RESAMPLER),
+        xattn=XAttnConfig(every=1, heads=16, head_dim=128),
+        lm=LMConfig(vocab_size=32000, dim=2048, layers=24, heads=16, ffn_dim=5632),
+    )
+
+
+def _9b() -> FlamingoConfig:
+    return FlamingoConfig(
+        name="9b",
+        vision=VisionConfig(**_CLIP_VIT_L14),
+        resampler=PerceiverConfig(**_RESAMPLER),
+        xattn=XAttnConfig(every=4, heads=32, head_dim=128),
+        lm=LMConfig(vocab_size=32000, dim=4096, layers=40, heads=32, ffn_dim=8448),
+    )
+
+
+def _xl() -> FlamingoConfig:
+    # LM = Llama-2-70B dims. xattn: 128 heads of 128, attention width 2D (module docstring: matches 10B).
+    return FlamingoConfig(
+        name="xl",
+        vision=VisionConfig(**_CLIP_VIT_L14),
+        resampler=PerceiverConfig(**_RESAMPLER),
+        xattn=XAttnConfig(every=7, heads=128, head_dim=128),
+        lm=LMConfig(vocab_size=32000, dim=8192, layers=80, heads=64, kv_heads=8, ffn_dim=28672),
+    )
+
+
+PRESETS = {"demo": _demo, "3b": _3b, "9b": _9b, "xl": _xl}

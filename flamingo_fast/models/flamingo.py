@@ -1,0 +1,347 @@
+"""Flamingo: frozen ViT -> Perceiver Resampler -> gated cross-attention layers inside a frozen Llama-style LM.
+
+Module tree (names the trainer and the checkpoint converters rely on):
+
+    vision          VisionTransformer (vision.py; CLIP names: embeddings, pre_layrnorm,
+                    encoder.layers.i, post_layernorm)                                       frozen
+    resampler       PerceiverResampler (perceiver.py: latents, frame_embs, media_proj,
+                    layers.i.{attn,ffw}, norm)                                              trainable
+    lm              LanguageModel (lm.py; Llama names: embed_tokens, layers.i, norm, lm_head)  frozen,
+                    except lm.special_embed and lm.special_head (the 2 rows of `<image>`,
+                    `<|endofchunk|>`)                                                       trainable
+    xattn_layers    ModuleDict {str(i): GatedXAttnDense} for LM block i with i % every == 0,
+                    run right before lm.layers[i] (xattn.py: attn.{norm,to_q,to_kv,to_out},
+                    attn_gate, ffw.{norm,fc1,fc2}, ffw_gate)                                trainable
+
+FSDP / activation-checkpoint units (`shard_units()`): each vision block, the resampler, each LM block
+together with the xattn layer in front of it (one list, for `fully_shard([block, xattn])`), then the root.
+
+Forward (one training step):
+    latents = resampler(vision(images))                         (B, T_img, n_latents, Dm)
+    media_index = cumsum(input_ids == <image>) - 1              (B, S), -1 before a row's first image
+    logits = lm(input_ids, before_block=xattn_layers[i](x, media_index, latents))
+
+Label convention: `labels` (B, S) are aligned with `input_ids` (usually a copy with -100 at ignored
+positions); the shift happens inside: the logits at position t are scored against labels[t + 1]. Positions
+whose label is -100, the `<image>` token, or `cfg.pad_token_id` are ignored; the loss is the mean over the
+remaining positions (0 when there are none).
+
+Freezing (`set_trainable`): "flamingo" (default; paper): resampler + xattn + the 2 special-token rows;
+"all": everything; "lm": the whole LM only (text pretraining); "vision": the vision encoder only
+(pretraining it with an external head).
+
+Generation: `encode_images(images)` -> latents, `forward(..., latents=latents)` skips the vision encoder;
+`new_cache(batch, max_length)` -> FlamingoCache. Pass the images (or latents) with the prompt on the first
+cached call: each xattn layer's keys/values are computed once and kept in `cache.media_kv` ({layer name:
+(k, v)}), the LM's keys/values in `cache.lm` (KVCache), and `cache.media_count` continues media_index, so
+later calls pass only the new token ids. The LM's self-attention has no padding mask: batch rows must be
+aligned (same prompt length) for cached decoding.
+
+Input checks: shapes, dtypes and devices are checked on every call; checks that read tensor values (token
+ids in range, `<image>` count vs T_img, media_index range) run in eager mode only, so that
+`torch.compile(fullgraph=True)` traces without graph breaks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch import nn
+
+from flamingo_fast.models.config import FlamingoConfig
+from flamingo_fast.models.lm import KVCache, LanguageModel
+from flamingo_fast.models.perceiver import PerceiverResampler
+from flamingo_fast.models.vision import VisionTransformer
+from flamingo_fast.models.xattn import GatedXAttnDense
+
+TRAINABLE_MODES = ("flamingo", "all", "lm", "vision")
+
+
+@dataclass
+class FlamingoOutput:
+    logits: torch.Tensor  # (B, S, vocab_size)
+    loss: Optional[torch.Tensor] = None  # scalar fp32, None without labels
+
+
+# A pytree node, so FSDP's root hooks and torch.compile see the tensors inside (as with HF's ModelOutput).
+pytree.register_dataclass(FlamingoOutput)
+
+
+@dataclass
+class FlamingoCache:
+    """Decoding state: the LM's KV cache, each xattn layer's media keys/values (computed once from the
+    images), and per row how many `<image>` tokens have been consumed (so media_index continues)."""
+
+    lm: KVCache
+    media_kv: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None
+    num_media: int = 0  # T_img of the cached media
+    media_count: Optional[torch.Tensor] = None  # (B,) long
+
+    @property
+    def length(self) -> int:
+        return self.lm.length
+
+
+class Flamingo(nn.Module):
+    def __init__(self, cfg: FlamingoConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.vision = VisionTransformer(cfg.vision)
+        self.resampler = PerceiverResampler(cfg.resampler, media_dim=cfg.vision.width)
+        self.lm = LanguageModel(cfg.lm)
+        self.xattn_layers = nn.ModuleDict(
+            {
+                str(i): GatedXAttnDense(cfg.xattn, cfg.lm.dim, cfg.resampler.dim, cfg.resampler.n_latents)
+                for i in cfg.xattn_layer_ids
+            }
+        )
+        self.set_trainable("flamingo")
+
+    # -- structure --------------------------------------------------------------------------------------------
+    def set_trainable(self, mode: str = "flamingo") -> "Flamingo":
+        """Choose which parameters require grad: "flamingo" | "all" | "lm" | "vision" (module docstring)."""
+        if mode not in TRAINABLE_MODES:
+            raise ValueError(f"mode must be one of {TRAINABLE_MODES}, got {mode!r}")
+        self.requires_grad_(mode == "all")
+        if mode == "flamingo":
+            for module in (self.resampler, self.xattn_layers, self.lm.special_embed, self.lm.special_head):
+                module.requires_grad_(True)
+        elif mode == "lm":
+            self.lm.requires_grad_(True)
+        elif mode == "vision":
+            self.vision.requires_grad_(True)
+        return self
+
+    @torch.no_grad()
+    def init_weights(self) -> "Flamingo":
+        """Initialise every parameter again, e.g. after building on the meta device and `to_empty(...)`.
+
+        Children are reset before their parents, so a parent's own scheme (the LM's N(0, 0.02)) wins
+        over the PyTorch defaults of its nn.Linear children."""
+        for module in reversed(list(self.modules())):
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        return self
+
+    def shard_units(self) -> list[list[nn.Module]]:
+        """Groups of modules to wrap as one FSDP unit each (then wrap the root): vision blocks, resampler,
+        and each LM block with the xattn layer that runs before it."""
+        units: list[list[nn.Module]] = [[layer] for layer in self.vision.encoder.layers]
+        units.append([self.resampler])
+        for i, block in enumerate(self.lm.layers):
+            units.append([self.xattn_layers[str(i)], block] if str(i) in self.xattn_layers else [block])
+        return units
+
+    def parameter_counts(self) -> dict[str, int]:
+        def count(module: nn.Module, trainable_only: bool = False) -> int:
+            return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+        return {
+            "total": count(self),
+            "trainable": count(self, trainable_only=True),
+            "lm": count(self.lm),
+            "vision": count(self.vision),
+            "resampler": count(self.resampler),
+            "xattn": count(self.xattn_layers),
+        }
+
+    # -- media ------------------------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, T_img, F, C, H, W) -> latents (B, T_img, n_latents, Dm)."""
+        self._check_images(images)
+        b, t, f = images.shape[:3]
+        features = self.vision(images.reshape(b * t * f, *images.shape[3:]))
+        return self.resampler(features.view(b, t, f, *features.shape[1:]))
+
+    def media_kv(self, latents: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each xattn layer's keys/values for these latents, keyed like `xattn_layers`."""
+        return {name: layer.media_kv(latents) for name, layer in self.xattn_layers.items()}
+
+    def new_cache(self, batch_size: int, max_length: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                  device: Optional[torch.device] = None) -> FlamingoCache:
+        return FlamingoCache(lm=self.lm.new_cache(batch_size, max_length, dtype, device))
+
+    def compute_media_index(self, input_ids: torch.Tensor, start: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """cumsum(input_ids == <image>) - 1 per row (+ `start`, images already seen, (B,))."""
+        count = torch.cumsum(input_ids == self.cfg.image_token_id, dim=1)
+        if start is not None:
+            count = count + start[:, None]
+        return count - 1
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        images: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        media_index: Optional[torch.Tensor] = None,
+        *,
+        latents: Optional[torch.Tensor] = None,
+        cache: Optional[FlamingoCache] = None,
+    ) -> FlamingoOutput:
+        """input_ids (B, S) long; images (B, T_img, F, C, H, W) or None; or precomputed `latents`
+        (B, T_img, n_latents, Dm) from `encode_images`. With a `cache`, media given on the first call are
+        kept (as per-layer keys/values) for the following calls, and media_index continues across calls."""
+        self._check_ids(input_ids)
+        b = input_ids.shape[0]
+        if images is not None and latents is not None:
+            raise ValueError("pass images or latents, not both")
+        if images is not None:
+            self._check_images(images, input_ids)
+        elif latents is not None:
+            self._check_latents(latents, input_ids)
+        if labels is not None:
+            self._check_labels(labels, input_ids)
+        if media_index is not None:
+            self._check_media_index(media_index, input_ids)
+        new_media = images is not None or latents is not None
+        if cache is not None:
+            if cache.lm.batch_size != b:
+                raise ValueError(f"cache was made for batch size {cache.lm.batch_size}, input_ids has {b} rows")
+            if new_media and cache.media_kv is not None:
+                raise ValueError("cache already holds media; pass images/latents only on the first call")
+            if cache.lm.length + input_ids.shape[1] > cache.lm.max_length:
+                raise ValueError(
+                    f"input_ids: {input_ids.shape[1]} more tokens overflow the cache "
+                    f"({cache.lm.length} of max_length={cache.lm.max_length} used)"
+                )
+        if images is not None:
+            latents = self.encode_images(images)
+
+        # Images consumed by earlier calls (decoding), so media_index continues where the cache left off.
+        start = None
+        if cache is not None:
+            start = cache.media_count if cache.media_count is not None else input_ids.new_zeros(b)
+        num_media = latents.shape[1] if latents is not None else (cache.num_media if cache is not None else 0)
+        media_index_given = media_index is not None
+        if not media_index_given:
+            media_index = self.compute_media_index(input_ids, start)
+        if not torch.compiler.is_compiling():
+            self._check_values(input_ids, media_index, num_media, media_index_given)
+
+        # All checks passed: only now update the cache.
+        media_kv = None
+        if cache is not None:
+            if latents is not None:
+                cache.media_kv, cache.num_media = self.media_kv(latents), latents.shape[1]
+            cache.media_count = start + (input_ids == self.cfg.image_token_id).sum(dim=1)
+            media_kv = cache.media_kv
+
+        have_media = latents is not None or media_kv is not None
+
+        def before_block(i: int, x: torch.Tensor) -> torch.Tensor:
+            name = str(i)
+            if name not in self.xattn_layers:
+                return x
+            layer = self.xattn_layers[name]
+            if not have_media:
+                return layer(x, media_index)
+            if media_kv is not None:
+                return layer(x, media_index, media_kv=media_kv[name])
+            return layer(x, media_index, latents=latents)
+
+        logits = self.lm(input_ids, cache=None if cache is None else cache.lm, before_block=before_block)
+        loss = None if labels is None else self.loss(logits, labels)
+        return FlamingoOutput(logits=logits, loss=loss)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy; labels aligned with input_ids (see the module docstring)."""
+        ignore = (labels == -100) | (labels == self.cfg.image_token_id)
+        if self.cfg.pad_token_id is not None:
+            ignore = ignore | (labels == self.cfg.pad_token_id)
+        targets = labels.masked_fill(ignore, -100)[:, 1:]
+        total = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+            reduction="sum",
+        )
+        return total / (targets != -100).sum().clamp(min=1)
+
+    # -- input checks -----------------------------------------------------------------------------------------
+    def _check_ids(self, input_ids) -> None:
+        if not torch.is_tensor(input_ids) or input_ids.dtype != torch.long:
+            got = input_ids.dtype if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise TypeError(f"input_ids must be a torch.long tensor (B, S), got {got}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be 2-D (B, S) with S >= 1, got shape {tuple(input_ids.shape)}")
+
+    def _check_images(self, images, input_ids: Optional[torch.Tensor] = None) -> None:
+        if not torch.is_tensor(images):
+            raise TypeError(f"images must be a tensor (B, T_img, F, C, H, W), got {type(images).__name__}")
+        if images.dim() != 6:
+            raise ValueError(f"images must be 6-D (B, T_img, F, C, H, W), got shape {tuple(images.shape)}")
+        self.vision.check_images(images)
+        if images.shape[1] < 1 or images.shape[2] < 1:
+            raise ValueError(f"images must have T_img >= 1 and F >= 1, got shape {tuple(images.shape)}")
+        if images.shape[2] > self.cfg.resampler.max_frames:
+            raise ValueError(
+                f"images has F={images.shape[2]} frames; the resampler supports at most "
+                f"resampler.max_frames={self.cfg.resampler.max_frames}"
+            )
+        if input_ids is not None:
+            if images.shape[0] != input_ids.shape[0]:
+                raise ValueError(
+                    f"images batch size {images.shape[0]} does not match input_ids batch size {input_ids.shape[0]}"
+                )
+            if images.device != input_ids.device:
+                raise ValueError(f"images are on {images.device} but input_ids are on {input_ids.device}")
+
+    def _check_latents(self, latents, input_ids: torch.Tensor) -> None:
+        rc = self.cfg.resampler
+        if not torch.is_tensor(latents) or not latents.is_floating_point():
+            raise TypeError("latents must be a floating-point tensor (B, T_img, n_latents, Dm)")
+        if latents.dim() != 4 or latents.shape[2:] != (rc.n_latents, rc.dim) or latents.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"latents must be ({input_ids.shape[0]}, T_img, {rc.n_latents}, {rc.dim}), got {tuple(latents.shape)}"
+            )
+        if latents.device != input_ids.device:
+            raise ValueError(f"latents are on {latents.device} but input_ids are on {input_ids.device}")
+
+    def _check_media_index(self, media_index, input_ids: torch.Tensor) -> None:
+        if not torch.is_tensor(media_index) or media_index.dtype not in (torch.int32, torch.int64):
+            got = media_index.dtype if torch.is_tensor(media_index) else type(media_index).__name__
+            raise TypeError(f"media_index must be an int32/int64 tensor (B, S), got {got}")
+        if media_index.shape != input_ids.shape:
+            raise ValueError(f"media_index must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(media_index.shape)}")
+        if media_index.device != input_ids.device:
+            raise ValueError(f"media_index is on {media_index.device} but input_ids are on {input_ids.device}")
+
+    def _check_labels(self, labels, input_ids: torch.Tensor) -> None:
+        if not torch.is_tensor(labels) or labels.dtype != torch.long:
+            got = labels.dtype if torch.is_tensor(labels) else type(labels).__name__
+            raise TypeError(f"labels must be a torch.long tensor (B, S), got {got}")
+        if labels.shape != input_ids.shape or labels.device != input_ids.device:
+            raise ValueError(
+                f"labels must match input_ids' shape {tuple(input_ids.shape)} and device {input_ids.device}, "
+                f"got {tuple(labels.shape)} on {labels.device}"
+            )
+
+    def _check_values(self, input_ids, media_index, num_media: int, media_index_given: bool) -> None:
+        # Eager only: these read tensor values (one host sync).
+        if input_ids.device.type == "meta":
+            return
+        stats = torch.stack([input_ids.min(), input_ids.max(), media_index.min().long(), media_index.max().long()])
+        ids_min, ids_max, mi_min, mi_max = stats.tolist()
+        if ids_min < 0 or ids_max >= self.cfg.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {self.cfg.vocab_size}), got values in [{ids_min}, {ids_max}]")
+        if mi_min < -1:
+            raise ValueError(f"media_index must be >= -1, got {mi_min}")
+        if mi_max >= num_media and media_index_given:
+            raise ValueError(
+                f"media_index points at image {mi_max} but only T_img={num_media} images were given "
+                "(valid: -1 .. T_img - 1)"
+            )
+        if mi_max >= num_media:
+            if num_media == 0:
+                raise ValueError(
+                    f"input_ids contain <image> tokens (id {self.cfg.image_token_id}) or media_index points at an "
+                    "image, but no images were given"
+                )
+            raise ValueError(
+                f"input_ids: a row has {mi_max + 1} <image> tokens (id {self.cfg.image_token_id}) but images has "
+                f"only T_img={num_media}"
+            )

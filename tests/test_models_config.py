@@ -1,0 +1,103 @@
+"""Presets: parameter counts against the Flamingo paper, meta-device construction, overrides, token ids."""
+
+import time
+
+import pytest
+import torch
+
+from flamingo_fast import Flamingo, FlamingoConfig
+
+
+def build_on_meta(name: str, **overrides) -> Flamingo:
+    with torch.device("meta"):
+        return Flamingo(FlamingoConfig.from_preset(name, **overrides))
+
+
+def within(value: int, target: float, rel: float) -> bool:
+    return abs(value - target) <= rel * target
+
+
+def test_xl_builds_on_meta_in_seconds_with_paper_counts():
+    start = time.perf_counter()
+    model = build_on_meta("xl")
+    elapsed = time.perf_counter() - start
+    assert elapsed < 20, f"building xl on meta took {elapsed:.1f} s"
+    assert all(p.is_meta for p in model.parameters())
+    counts = model.parameter_counts()
+    assert within(counts["total"], 80e9, 0.03), counts
+    assert within(counts["lm"], 70e9, 0.05), counts
+    assert within(counts["xattn"], 10e9, 0.10), counts
+    assert within(counts["resampler"], 194e6, 0.15), counts
+    assert len(model.xattn_layers) == 12
+    assert [int(k) for k in model.xattn_layers] == list(range(0, 80, 7))
+    # default policy trains resampler + xattn + the 2 special rows of the embedding and of the head
+    assert counts["trainable"] == counts["resampler"] + counts["xattn"] + 2 * 2 * 8192
+    assert counts["total"] == counts["lm"] + counts["vision"] + counts["resampler"] + counts["xattn"]
+
+
+def test_xl_lm_is_llama2_70b_shaped():
+    cfg = FlamingoConfig.from_preset("xl")
+    assert (cfg.lm.layers, cfg.lm.dim, cfg.lm.heads, cfg.lm.n_kv_heads, cfg.lm.ffn_dim) == (80, 8192, 64, 8, 28672)
+    assert cfg.vocab_size == 32002
+    model = build_on_meta("xl")
+    k_proj = model.lm.layers[0].self_attn.k_proj.weight
+    assert tuple(k_proj.shape) == (8 * 128, 8192)
+    assert tuple(model.xattn_layers["0"].attn.to_kv.weight.shape) == (2 * 128 * 128, 1536)
+    assert tuple(model.xattn_layers["0"].ffw.fc1.weight.shape) == (4 * 8192, 8192)
+
+
+@pytest.mark.parametrize("name,total,n_xattn", [("3b", 3.2e9, 24), ("9b", 9.3e9, 10)])
+def test_3b_9b_totals(name, total, n_xattn):
+    model = build_on_meta(name)
+    counts = model.parameter_counts()
+    assert within(counts["total"], total, 0.10), counts
+    assert within(counts["resampler"], 194e6, 0.15), counts
+    assert len(model.xattn_layers) == n_xattn
+
+
+def test_demo_is_small_and_every_layer_has_xattn():
+    model = build_on_meta("demo")
+    counts = model.parameter_counts()
+    assert counts["total"] < 20e6
+    assert len(model.xattn_layers) == model.cfg.lm.layers
+
+
+def test_token_ids_and_vocab_override_round_trip():
+    cfg = FlamingoConfig.from_preset("demo", vocab_size=100)
+    assert cfg.lm.vocab_size == 98
+    assert (cfg.vocab_size, cfg.image_token_id, cfg.eoc_token_id) == (100, 98, 99)
+    again = FlamingoConfig.from_preset("demo", vocab_size=cfg.vocab_size)
+    assert again == cfg
+    assert FlamingoConfig.from_preset("xl").image_token_id == 32000
+    assert FlamingoConfig.from_preset("xl").vision.image_size == 224
+
+
+def test_nested_overrides_and_dict_round_trip():
+    cfg = FlamingoConfig.from_preset("demo", lm={"layers": 2}, vision={"image_size": 64}, xattn={"every": 2})
+    assert cfg.lm.layers == 2 and cfg.lm.dim == FlamingoConfig.from_preset("demo").lm.dim
+    assert cfg.vision.image_size == 64
+    assert cfg.xattn_layer_ids == [0]
+    assert FlamingoConfig.from_dict(cfg.to_dict()) == cfg
+    # presets are independent copies
+    assert FlamingoConfig.from_preset("demo").lm.layers == 4
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"bogus": 1}, "bogus"),
+        ({"lm": {"nope": 1}}, "nope"),
+        ({"vocab_size": 2}, "vocab_size"),
+        ({"lm": {"heads": 3}}, "heads"),
+        ({"vision": {"image_size": 30}}, "patch_size"),
+        ({"xattn": {"every": 0}}, "every"),
+    ],
+)
+def test_bad_overrides(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        FlamingoConfig.from_preset("demo", **overrides)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        FlamingoConfig.from_preset("huge")
