@@ -18,6 +18,7 @@ $(VENV)/.deps: $(PY) pyproject.toml
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q setuptools wheel pybind11 ninja nvidia-cutlass
 	$(PY) -m pip install -q --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install -q --no-deps open-flamingo==2.0.1  # parity tests only; it pins an old torch
 	touch $@ $(VENV)/.built
 
 # Rebuild flamingo_fast._C when any C++/CUDA source or the build script changes.

@@ -117,9 +117,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# Subcommands whose implementation owns its own argument parser: `flamingo-fast NAME ARGS...` is
+# `module.main(ARGS)`. Imported lazily so `flamingo-fast info` stays fast.
+FORWARDED = {
+    "demo": ("train.demo", "train the demo preset on the built-in shapes data, then evaluate (the main job)"),
+    "train": ("train.cli", "run the FSDP trainer (same as `torchrun -m train`)"),
+    "bench": ("bench.cli", "kernel and end-to-end benchmarks"),
+    "eval": ("flamingo_fast.eval.cli", "few-shot evaluation (vqav2, coco, flickr30k, shapes)"),
+    "generate": ("flamingo_fast.generate_cli", "generate text for an image and a prompt"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flamingo-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in FORWARDED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
 
     info = sub.add_parser("info", help="versions, what _C contains, and which backend each op uses here")
     info.set_defaults(handler=cmd_info)
@@ -137,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in FORWARDED:
+        import importlib
+
+        return importlib.import_module(FORWARDED[argv[0]][0]).main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.handler(args)
 

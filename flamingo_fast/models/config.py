@@ -90,9 +90,13 @@ class PerceiverConfig:
 
 @dataclass
 class XAttnConfig:
-    """GATED XATTN-DENSE layers, inserted before LM block i when i % every == 0."""
+    """GATED XATTN-DENSE layers, inserted before LM block i when i >= first_layer and (i - first_layer) % every == 0.
+
+    first_layer is 0 in the paper; OpenFlamingo starts at every - 1 (its blocks sit at n-1, 2n-1, ...).
+    """
 
     every: int = 1
+    first_layer: int = 0
     heads: int = 16
     head_dim: int = 128
     kv_heads: Optional[int] = None  # None = heads (no GQA)
@@ -108,6 +112,8 @@ class XAttnConfig:
     def validate(self) -> None:
         if self.every < 1:
             raise ValueError(f"xattn.every must be >= 1, got {self.every}")
+        if self.first_layer < 0:
+            raise ValueError(f"xattn.first_layer must be >= 0, got {self.first_layer}")
         if self.heads % self.n_kv_heads:
             raise ValueError(f"xattn.heads {self.heads} must be a multiple of kv_heads {self.n_kv_heads}")
         if self.activation not in ("sqrelu", "gelu"):
@@ -177,7 +183,8 @@ class FlamingoConfig:
     @property
     def xattn_layer_ids(self) -> list[int]:
         """LM block indices that get a gated xattn-dense layer in front of them."""
-        return [i for i in range(self.lm.layers) if i % self.xattn.every == 0]
+        first, every = self.xattn.first_layer, self.xattn.every
+        return [i for i in range(first, self.lm.layers) if (i - first) % every == 0]
 
     def validate(self) -> None:
         for part in (self.vision, self.resampler, self.xattn, self.lm):

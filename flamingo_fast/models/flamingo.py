@@ -9,7 +9,7 @@ Module tree (names the trainer and the checkpoint converters rely on):
     lm              LanguageModel (lm.py; Llama names: embed_tokens, layers.i, norm, lm_head)  frozen,
                     except lm.special_embed and lm.special_head (the 2 rows of `<image>`,
                     `<|endofchunk|>`)                                                       trainable
-    xattn_layers    ModuleDict {str(i): GatedXAttnDense} for LM block i with i % every == 0,
+    xattn_layers    ModuleDict {str(i): GatedXAttnDense} for LM block i in cfg.xattn_layer_ids (i % every == 0),
                     run right before lm.layers[i] (xattn.py: attn.{norm,to_q,to_kv,to_out},
                     attn_gate, ffw.{norm,fc1,fc2}, ffw_gate)                                trainable
 

@@ -315,7 +315,10 @@ def _beam_search(model, input_ids, valid, padded, images, latents, media_cache, 
                  beams, length_penalty, stop, pad, never) -> GenerationOutput:
     device = input_ids.device
     batch = input_ids.shape[0]
-    expand = lambda t: None if t is None else t.repeat_interleave(beams, dim=0)  # noqa: E731
+
+    def expand(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.repeat_interleave(beams, dim=0)  # each prompt's rows side by side
+
     decoder = _Decoder(model, batch * beams, input_ids.shape[1] + max_new_tokens, padded, media_cache,
                        expand(images), expand(latents))
     logits = decoder.step(expand(input_ids), expand(valid))

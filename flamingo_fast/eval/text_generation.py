@@ -1,0 +1,80 @@
+"""Strings and images in, strings out: prompt tokenisation, left padding, image stacking, decoding.
+
+    texts = generate_text(model, tokenizer, ["<image>Output:"], [[pil_image]], num_beams=3)
+
+Prompts are tokenised like the training data (bos + text, `<image>` markers as their own ids) and
+left-padded; each prompt's images (PIL images, frame lists or tensors, as in `flamingo_fast.data.Sample`)
+go through the CLIP-normalising `ImageTransform` at the model's image size, rows with fewer images are
+zero-padded (those slots are never attended: a row's media_index only reaches its own images).
+Generation stops at `<|endofchunk|>` or the tokenizer's eos and never produces its pad or bos token.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+
+from flamingo_fast.data.sample import IMAGE_TOKEN
+from flamingo_fast.data.tokenizer import Tokenizer
+from flamingo_fast.data.transforms import ImageTransform
+from flamingo_fast.models.flamingo import Flamingo
+from flamingo_fast.models.generate import generate
+
+
+def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, S) long, left-padded with tokenizer.pad_id."""
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts must be a non-empty list of str")
+    rows = [[tokenizer.bos_id] + tokenizer.encode(text) for text in prompts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[r, width - len(row):] = 1
+    return ids, mask
+
+
+def stack_images(images: Sequence[Sequence[Any]], transform: ImageTransform) -> Optional[torch.Tensor]:
+    """Per-row image lists -> (B, T_max, F, C, H, W) float32 (zero rows where a row has fewer), or None
+    when no row has an image."""
+    per_row = [[transform(image) for image in row] for row in images]
+    t_max = max((len(row) for row in per_row), default=0)
+    if t_max == 0:
+        return None
+    frames = {x.shape[0] for row in per_row for x in row}
+    if len(frames) != 1:
+        raise ValueError(f"all images of a batch need the same number of frames, got {sorted(frames)}")
+    example = next(x for row in per_row for x in row)
+    out = torch.zeros(len(per_row), t_max, *example.shape)
+    for r, row in enumerate(per_row):
+        for t, x in enumerate(row):
+            out[r, t] = x
+    return out
+
+
+@torch.no_grad()
+def generate_text(model: Flamingo, tokenizer: Tokenizer, prompts: Sequence[str], images: Sequence[Sequence[Any]],
+                  transform: Optional[ImageTransform] = None, **generate_kwargs: Any) -> list[str]:
+    """Continuation text of each prompt (see flamingo_fast.models.generate.generate for generate_kwargs).
+    `images[i]` holds prompt i's images, one per `<image>` marker, in order."""
+    if len(images) != len(prompts):
+        raise ValueError(f"images must hold one list per prompt: {len(prompts)} prompts, {len(images)} image lists")
+    for i, (text, row) in enumerate(zip(prompts, images)):
+        if text.count(IMAGE_TOKEN) != len(row):
+            raise ValueError(f"prompt {i} has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} markers but {len(row)} images")
+    transform = transform or ImageTransform(model.cfg.vision.image_size)
+    ids, mask = encode_prompts(tokenizer, prompts)
+    pixels = stack_images(images, transform)
+    device = model.lm.embed_tokens.weight.device
+    if pixels is not None:
+        pixels = pixels.to(device=device, dtype=model.vision.embeddings.patch_embedding.weight.dtype)
+    generate_kwargs.setdefault("eos_token_ids", [tokenizer.eoc_token_id, tokenizer.eos_id])
+    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_id)
+    # Padding and bos mean nothing inside generated text (and decode to ""): never generate them, unless one
+    # doubles as a stop token (Llama tokenizers without a pad token pad with eos).
+    stops = set(generate_kwargs["eos_token_ids"])
+    generate_kwargs.setdefault("suppress_token_ids", sorted({tokenizer.pad_id, tokenizer.bos_id} - stops))
+    out = generate(model, ids.to(device), pixels, attention_mask=mask.to(device), **generate_kwargs)
+    return [tokenizer.decode(tokens).strip() for tokens in out.tokens]
