@@ -3,7 +3,8 @@
 Order of precedence: explicit ``backend=`` argument > environment variable ``FLAMINGO_FAST_BACKEND`` >
 automatic ("cuda" when the fused kernels support these tensors, else "torch").
 The chosen name travels into the custom op as a plain ``str`` argument, so under ``torch.compile`` the
-choice is a constant of the graph.
+choice is a constant of the graph: the environment variable is read when a graph is traced, and
+changing it later needs ``torch._dynamo.reset()`` (or a fresh process) to affect compiled code.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ The kernels live in csrc/ and are optional at import time; when `_C` (or one of 
 missing this backend is simply unavailable, and `unsupported_reason` says why.
 
 Expected `_C` entry points (all tensors BSHD, contiguous, on one sm_90 device; q/k/v/out/dout share one
-dtype, bf16 or fp16; head dim 64, 96 or 128; lse is float32 (B, Hq, Sq), -inf for fully masked rows):
+dtype, bf16 or fp16, and head dim 64, 96 or 128, as far as `_C.build_info()` lists them under
+"attention_dtypes" / "attention_head_dims"; lse is float32 (B, Hq, Sq), -inf for fully masked rows).
+They must return new contiguous tensors (never views of their inputs), as the ops' fake kernels assume:
 
     attention_fwd(q, k, v, causal: bool, scale: float) -> (out, lse)
     attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float) -> (dq, dk, dv)
@@ -34,9 +36,17 @@ else:
     _IMPORT_ERROR = ""
 
 OP_NAMES = ("attention", "media_cross_attention", "perceiver_attention")
-SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
-SUPPORTED_HEAD_DIMS = (64, 96, 128)
 REQUIRED_CAPABILITY = (9, 0)
+
+
+def _kernel_coverage() -> tuple[tuple[torch.dtype, ...], tuple[int, ...]]:
+    """(dtypes, head dims) the built kernels cover, as `_C.build_info()` reports them (fp16 is optional)."""
+    info = _C.build_info() if _C is not None and hasattr(_C, "build_info") else {}
+    dtypes = tuple(getattr(torch, name) for name in info.get("attention_dtypes", ("bfloat16", "float16")))
+    return dtypes, tuple(info.get("attention_head_dims", (64, 96, 128)))
+
+
+SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS = _kernel_coverage()
 
 
 def build_problem(op_name: str | None = None) -> str | None:
@@ -67,7 +77,8 @@ def unsupported_reason(op_name: str, *tensors: torch.Tensor) -> str | None:
     if tuple(capability) != REQUIRED_CAPABILITY:
         return f"the kernels need an sm_90 (Hopper) GPU, this one is sm_{capability[0]}{capability[1]}"
     if q.dtype not in SUPPORTED_DTYPES:
-        return f"the kernels are built for bfloat16/float16 only, not {q.dtype}"
+        built = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+        return f"the kernels are built for {built} only, not {q.dtype}"
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         return f"the kernels are built for head dims {SUPPORTED_HEAD_DIMS}, not {q.shape[-1]}"
     return None

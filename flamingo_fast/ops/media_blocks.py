@@ -1,9 +1,11 @@
 """Query-block planning for the torch backend of media_cross_attention.
 
-Because media_index is non-decreasing along a row, the tokens that look at one image form a single
-run. Each run is cut into blocks of R rows (R in 16..256, chosen to waste little padding); a block then
-visits only the keys of its own image (only_immediate) or of images 0..m (all previous), so the work
-scales with S * L instead of S * T_img * L as with a dense mask. Tokens with index -1 are in no block.
+Because media_index is non-decreasing along a row, the tokens that look at one image form one run of
+consecutive positions. Each run is cut into blocks of MAX_BLOCK rows plus one last block rounded up to a
+multiple of QUANTUM rows, so a run wastes fewer than QUANTUM padding rows and needs the fewest blocks
+(each block gathers its own copy of the keys). Blocks of equal size are batched together. A block visits
+only the keys of its own image (only_immediate) or of images 0..m (all previous), so the work scales
+with S * L instead of S * T_img * L as with a dense mask. Tokens with index -1 are in no block.
 (Correctness does not depend on monotonicity: an unsorted row just yields more, shorter runs.)
 """
 
@@ -13,86 +15,89 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK_SIZES = (16, 32, 64, 128, 256)
-# Fixed cost of one block (gathering its keys, one more batch entry), in units of one query row.
-_BLOCK_OVERHEAD_ROWS = 32
+MAX_BLOCK = 256
+QUANTUM = 16
+
+
+@dataclass
+class BlockSet:
+    """Blocks of one size R."""
+
+    rows: torch.Tensor  # (n, R) flat token indices into (B*S); padding slots repeat the block's first token
+    valid: torch.Tensor  # (n, R) bool: the slot holds a real token of the block
+    batch: torch.Tensor  # (n,) batch row of each block
+    image: torch.Tensor  # (n,) media index of each block
 
 
 @dataclass
 class MediaChunk:
-    blocks: torch.Tensor  # (n,) ids of the blocks in this chunk
+    rows: torch.Tensor  # (n, R) as in BlockSet
+    valid: torch.Tensor  # (n, R)
     key_index: torch.Tensor  # (n,) immediate: b * T_img + m (one image's keys); all previous: b
     num_keys: int  # keys per block: L, or (m + 1) * L for all previous images
 
 
 @dataclass
 class MediaPlan:
-    rows: torch.Tensor  # (nblk, R) flat token indices into (B*S); padding slots repeat the block's first token
-    valid: torch.Tensor  # (nblk, R) bool: the slot holds a real token of the block
-    batch: torch.Tensor  # (nblk,) batch row of each block
-    image: torch.Tensor  # (nblk,) media index of each block
+    block_sets: list[BlockSet]
     num_media: int
     latents_per_media: int
     only_immediate: bool
 
-    @property
-    def num_blocks(self) -> int:
-        return self.rows.shape[0]
-
-    @property
-    def block_size(self) -> int:
-        return self.rows.shape[1]
-
     def chunks(self, rows_times_keys_budget: int):
-        """Yield MediaChunks whose blocks hold at most the budget of (query rows x keys) per head."""
-        if self.num_blocks == 0:
-            return
+        """Yield MediaChunks holding at most the budget of (query rows x keys) per head."""
         length = self.latents_per_media
-        if self.only_immediate:
-            groups = [(torch.arange(self.num_blocks, device=self.rows.device), length)]
-        else:  # all previous images: blocks of one image share a key prefix length
-            groups = [
-                ((self.image == m).nonzero().squeeze(1), (m + 1) * length) for m in torch.unique(self.image).tolist()
-            ]
-        per_chunk_of = lambda keys: max(1, rows_times_keys_budget // (self.block_size * keys))  # noqa: E731
-        for blocks, num_keys in groups:
-            step = per_chunk_of(num_keys)
-            for i in range(0, blocks.shape[0], step):
-                ids = blocks[i : i + step]
-                key_index = self.batch[ids] * self.num_media + self.image[ids] if self.only_immediate else self.batch[ids]
-                yield MediaChunk(ids, key_index, num_keys)
+        for bs in self.block_sets:
+            if self.only_immediate:
+                groups = [(None, length)]
+            else:  # all previous images: blocks of one image share a key prefix length
+                groups = [((bs.image == m).nonzero().squeeze(1), (m + 1) * length) for m in bs.image.unique().tolist()]
+            step_rows = bs.rows.shape[1]
+            for ids, num_keys in groups:
+                rows, valid, batch, image = (
+                    (bs.rows, bs.valid, bs.batch, bs.image) if ids is None
+                    else (bs.rows[ids], bs.valid[ids], bs.batch[ids], bs.image[ids])
+                )
+                key_index = batch * self.num_media + image if self.only_immediate else batch
+                step = max(1, rows_times_keys_budget // (step_rows * num_keys))
+                for i in range(0, rows.shape[0], step):
+                    yield MediaChunk(rows[i : i + step], valid[i : i + step], key_index[i : i + step], num_keys)
 
 
-def plan_media_blocks(media_index: torch.Tensor, num_media: int, latents_per_media: int, only_immediate: bool) -> MediaPlan:
+def _block_start_offset(offset, run_length):
+    """Offset (inside its run) of the first token of each token's block, and that block's size."""
+    full = run_length // MAX_BLOCK * MAX_BLOCK
+    in_full = offset < full
+    last_size = (run_length - full + QUANTUM - 1) // QUANTUM * QUANTUM
+    start = torch.where(in_full, offset // MAX_BLOCK * MAX_BLOCK, full)
+    return start, torch.where(in_full, MAX_BLOCK, last_size)
+
+
+def plan_media_blocks(
+    media_index: torch.Tensor, num_media: int, latents_per_media: int, only_immediate: bool
+) -> MediaPlan:
+    """Blocks of consecutive tokens that share one image, grouped by block size."""
     batch, seq = media_index.shape
     device = media_index.device
     mi = media_index.long()
-    pos = torch.arange(seq, device=device)
     new_run = torch.ones_like(mi, dtype=torch.bool)
     new_run[:, 1:] = mi[:, 1:] != mi[:, :-1]
-    offset = pos - torch.where(new_run, pos, 0).cummax(dim=1).values  # position inside its run
-    valid = mi >= 0
+    new_run = new_run.reshape(-1)  # each row starts a new run
+    mi = mi.reshape(-1)
+    pos = torch.arange(batch * seq, device=device)
+    run_id = torch.cumsum(new_run, 0) - 1
+    run_first = pos[new_run]  # flat position of each run's first token
+    run_length = torch.bincount(run_id, minlength=run_first.shape[0])[run_id]
+    offset = pos - run_first[run_id]
+    block_offset, size = _block_start_offset(offset, run_length)
+    starts_block = (offset == block_offset) & (mi >= 0)
 
-    # Pick the block size with the least padded rows plus per-block overhead (one host sync).
-    counts = torch.stack([(valid & (offset % r == 0)).sum() for r in BLOCK_SIZES]).tolist()
-    r = min(zip(BLOCK_SIZES, counts), key=lambda rc: rc[1] * (rc[0] + _BLOCK_OVERHEAD_ROWS))[0]
-
-    valid = valid.reshape(-1)
-    new_block = valid & (offset.reshape(-1) % r == 0)
-    starts = new_block.nonzero().squeeze(1)  # flat index of each block's first token
-    num_blocks = starts.shape[0]
-    block_id = torch.cumsum(new_block, 0) - 1
-    total = batch * seq
-    rows = starts[:, None] + torch.arange(r, device=device)
-    clamped = rows.clamp(max=max(total - 1, 0))
-    ids = torch.arange(num_blocks, device=device)[:, None]
-    slot_valid = (rows < total) & (block_id[clamped] == ids) & valid[clamped]
-    return MediaPlan(
-        rows=torch.where(slot_valid, rows, starts[:, None]),
-        valid=slot_valid,
-        batch=starts // seq,
-        image=mi.reshape(-1)[starts],
-        num_media=num_media,
-        latents_per_media=latents_per_media,
-        only_immediate=only_immediate,
-    )
+    block_sets = []
+    for r in size[starts_block].unique().tolist():
+        starts = (starts_block & (size == r)).nonzero().squeeze(1)
+        length = torch.clamp(run_length[starts] - offset[starts], max=r)  # real tokens in each block
+        slot = torch.arange(r, device=device)
+        valid = slot < length[:, None]
+        rows = torch.where(valid, starts[:, None] + slot, starts[:, None])
+        block_sets.append(BlockSet(rows, valid, starts // seq, mi[starts]))
+    return MediaPlan(block_sets, num_media, latents_per_media, only_immediate)

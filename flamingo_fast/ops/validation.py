@@ -95,7 +95,9 @@ def check_media_cross_attention(q, k, v, media_index, latents_per_media, only_im
     if media_index.dtype not in INDEX_DTYPES:
         raise TypeError(f"{op}: media_index has dtype {media_index.dtype}; expected torch.int32 or torch.int64")
     if media_index.device != q.device:
-        raise ValueError(f"{op}: media_index is on {media_index.device} but q is on {q.device}; they must match")
+        raise ValueError(
+            f"{op}: media_index is on {media_index.device} but q is on {q.device}; it must be on q's device"
+        )
     if torch.compiler.is_compiling():
         return
     if media_index.device.type == "cpu" or os.environ.get(CHECK_ENV_VAR) == "1":
