@@ -1,0 +1,135 @@
+"""Checkpoints: exact save/load of model + optimizer, atomic folders (a partial temp folder is never
+resumed from), keep-last-k, the allow-list metadata reader, and loading initial weights."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flamingo_fast import Flamingo, FlamingoConfig
+from train.checkpoint import COMPLETE, CheckpointManager, SafeFileSystemReader, load_model_weights
+from train.config import OptimSection
+from train.optim import build_optimizer
+
+TINY = dict(
+    vocab_size=40, pad_token_id=0,
+    vision={"image_size": 16, "patch_size": 4, "width": 32, "layers": 1, "heads": 2, "mlp_dim": 64},
+    resampler={"dim": 32, "depth": 1, "heads": 2, "head_dim": 16, "n_latents": 4, "max_frames": 1},
+    xattn={"every": 1, "heads": 2, "head_dim": 16},
+    lm={"dim": 32, "layers": 2, "heads": 2, "kv_heads": 1, "ffn_dim": 64, "max_seq_len": 64},
+)
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    model = Flamingo(FlamingoConfig.from_preset("demo", **TINY))
+    return model, build_optimizer(model, OptimSection(lr=1e-2))
+
+
+def train_one_step(model, optimizer, seed=1):
+    torch.manual_seed(seed)
+    ids = torch.randint(4, 38, (2, 7))
+    ids[:, 1] = model.cfg.image_token_id
+    model(ids, torch.randn(2, 1, 1, 3, 16, 16), labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_save_then_load_restores_model_and_optimizer_exactly(tmp_path):
+    model, optimizer = make()
+    train_one_step(model, optimizer)
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    path = manager.save(1, model, optimizer, {"schedule": {"step": 1}, "note": "x"}, {"data": {"pos": 3}})
+    assert path.name == "step_00000001" and (path / COMPLETE).is_file()
+    expected_params = {k: v.clone() for k, v in model.state_dict().items()}
+    expected_state = {id_: {k: v.clone() for k, v in s.items()} for id_, s in
+                      zip(range(len(optimizer.state)), optimizer.state.values())}
+
+    other, other_opt = make(seed=123)  # different weights, empty optimizer state
+    trainer_state, rank_state = manager.load(manager.latest(), other, other_opt)
+    assert trainer_state["step"] == 1 and trainer_state["note"] == "x" and rank_state == {"data": {"pos": 3}}
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, expected_params[key]), key
+    restored = list(other_opt.state.values())
+    assert len(restored) == len(expected_state)
+    for got, want in zip(restored, expected_state.values()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(got[key], want[key])
+    # Frozen parameters never get optimizer state, also after a load.
+    frozen = {id(p) for p in other.parameters() if not p.requires_grad}
+    assert not frozen & {id(p) for p in other_opt.state}
+    # The hyper-parameters come from the config, not the checkpoint.
+    assert other_opt.param_groups[0]["lr"] == 1e-2
+
+
+def test_partial_temp_folder_is_ignored_and_cleaned(tmp_path):
+    model, optimizer = make()
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    manager.save(2, model, optimizer, {}, {})
+    # A crash while writing step 3 leaves its temp folder; a folder without COMPLETE is not a checkpoint either.
+    partial = tmp_path / ".tmp-step_00000003"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"half written")
+    unmarked = tmp_path / "step_00000004"
+    unmarked.mkdir()
+    assert manager.latest().name == "step_00000002"
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        manager.load(unmarked, model, optimizer)
+    manager.save(5, model, optimizer, {}, {})
+    assert not partial.exists()
+    assert manager.latest().name == "step_00000005"
+
+
+def test_keep_last_k(tmp_path):
+    model, optimizer = make()
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3, 4):
+        train_one_step(model, optimizer, seed=step)
+        manager.save(step, model, optimizer, {}, {})
+    assert [s for s, _ in manager.complete_checkpoints()] == [3, 4]
+    assert sorted(os.listdir(tmp_path)) == ["step_00000003", "step_00000004"]
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointManager(tmp_path, keep_last=0)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_metadata_reader_refuses_foreign_pickles(tmp_path):
+    model, optimizer = make()
+    path = CheckpointManager(tmp_path).save(1, model, optimizer, {}, {})
+    SafeFileSystemReader(str(path)).read_metadata()  # DCP's own metadata loads
+    (path / ".metadata").write_bytes(pickle.dumps(_Exploit()))
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system|not allowed"):
+        SafeFileSystemReader(str(path)).read_metadata()
+
+
+def test_load_model_weights_from_safetensors_and_checkpoint(tmp_path):
+    source, optimizer = make(seed=5)
+    train_one_step(source, optimizer)
+    weights = {k: v for k, v in source.state_dict().items() if k.startswith("lm.")}
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / "lm.safetensors"))
+    target, _ = make(seed=6)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    missing = load_model_weights(target, tmp_path / "lm.safetensors")
+    assert missing and all(not k.startswith("lm.") for k in missing)
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, weights[key] if key in weights else before[key]), key
+
+    folder = CheckpointManager(tmp_path / "ck").save(1, source, optimizer, {}, {})
+    other, _ = make(seed=7)
+    assert load_model_weights(other, folder) == []
+    for key, value in other.state_dict().items():
+        assert torch.equal(value, source.state_dict()[key])
+
+    save_file({"not.a.param": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="not parameters of this model"):
+        load_model_weights(other, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="must be a trainer checkpoint folder"):
+        load_model_weights(other, tmp_path / "nothing.bin")

@@ -1,0 +1,102 @@
+"""The training loop in-process (one rank, no process group): non-finite steps are skipped and counted,
+too many in a row stop the run; metrics.jsonl has the documented keys; fine-tuning mode runs epochs
+with an evaluation after each."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from train.config import config_path, load_config
+from train.loop import NonFiniteLossError, Trainer
+
+
+def tiny(tmp_path, *extra):
+    return load_config(config_path("tiny"), [f"--train.out_dir={tmp_path}", "--parallel.fsdp=false", *extra])
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "--train.max_consecutive_nonfinite=3", "--optim.warmup_steps=1"))
+    batches = iter(trainer.loader)
+
+    def micro():
+        return [next(batches) for _ in range(trainer.accumulation)]
+
+    good = trainer.train_step(micro())
+    assert not good.skipped and good.loss == pytest.approx(good.loss) and trainer.step == 1
+
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    states = {n: trainer.optimizer.state[p]["exp_avg"].clone() for n, p in trainer.model.named_parameters()
+              if p.requires_grad}
+    forward = trainer.model.forward
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * float("nan")
+        return out
+
+    trainer.model.forward = poisoned
+    bad = trainer.train_step(micro())
+    assert bad.skipped and trainer.skipped_steps == 1 and trainer.step == 2
+    for name, param in trainer.model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param, params[name]), f"{name} changed on a skipped step"
+            assert torch.equal(trainer.optimizer.state[param]["exp_avg"], states[name])
+            assert param.grad is None
+
+    trainer.model.forward = forward  # a good step resets the consecutive count
+    assert not trainer.train_step(micro()).skipped and trainer.consecutive_nonfinite == 0
+
+    # An infinite gradient (finite loss) is caught by the grad norm.
+    def inf_grad(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits.register_hook(lambda g: g * float("inf"))
+        return out
+
+    trainer.model.forward = inf_grad
+    assert trainer.train_step(micro()).skipped
+    assert trainer.train_step(micro()).skipped
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps had a non-finite loss or gradient norm"):
+        trainer.train_step(micro())
+    assert trainer.skipped_steps == 4
+
+
+def test_run_writes_metrics_jsonl_and_checkpoints(tmp_path):
+    cfg = tiny(tmp_path, "--train.steps=3", "--train.log_every=1", "--checkpoint.every=2", "--eval.at_end=true",
+               "--checkpoint.export_safetensors=true")
+    result = Trainer(cfg).run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for record in records:
+        for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped", "mem_gib"):
+            assert key in record, key
+        assert record["loss"] > 0 and record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1
+    assert [r["lr"] for r in records] == pytest.approx([cfg.optim.lr / 2, cfg.optim.lr, cfg.optim.min_lr])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.toml").is_file()
+    assert result.steps == 3 and result.last_eval is not None
+    assert result.last_eval.num_caption == 8 and result.last_eval.num_vqa == 8
+    assert 0.0 <= result.last_eval.caption_exact_match <= 1.0
+
+
+def test_finetune_mode_runs_epochs_with_eval_after_each(tmp_path):
+    init = tmp_path / "init"
+    Trainer(tiny(init, "--train.steps=1", "--checkpoint.every=0", "--checkpoint.export_safetensors=true")).run()
+    out = tmp_path / "ft"
+    cfg = tiny(out, f"--model.init_from={init / 'model.safetensors'}", "--train.epochs=2", "--optim.lr=1e-5",
+               '--data.sources=[{kind="shapes", name="vqa", split="train", n=24, task="vqa"}]',
+               "--checkpoint.every=0")
+    trainer = Trainer(cfg)
+    assert trainer.steps_per_epoch == 2 and trainer.total_steps == 4  # 24 rows / 16 rows per step, rounded up
+    # Starts from the exported weights.
+    from safetensors.torch import load_file
+
+    exported = load_file(str(init / "model.safetensors"))
+    assert torch.equal(trainer.model.state_dict()["resampler.latents"], exported["resampler.latents"])
+    result = trainer.run()
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["epoch"]) for e in evals] == [(2, 1), (4, 2)]
+    assert result.last_eval is None and len(result.evals) == 2  # the epoch-2 eval is the final one
+    assert all(e["vqa_accuracy"] is not None for e in evals)

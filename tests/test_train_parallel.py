@@ -1,0 +1,56 @@
+"""Activation checkpointing per block ("full" and "selective") changes neither the loss nor the gradients,
+nor any parameter name; every block of Flamingo.shard_units() is wrapped."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flamingo_fast import Flamingo, FlamingoConfig
+from train.config import ParallelSection
+from train.parallel import apply_activation_checkpointing, parallelize
+
+TINY = dict(
+    vocab_size=40, pad_token_id=0,
+    vision={"image_size": 16, "patch_size": 4, "width": 32, "layers": 1, "heads": 2, "mlp_dim": 64},
+    resampler={"dim": 32, "depth": 1, "heads": 2, "head_dim": 16, "n_latents": 4, "max_frames": 1},
+    xattn={"every": 1, "heads": 2, "head_dim": 16},
+    lm={"dim": 32, "layers": 2, "heads": 2, "kv_heads": 1, "ffn_dim": 64, "max_seq_len": 64},
+)
+
+
+def loss_and_grads(model):
+    torch.manual_seed(3)
+    ids = torch.randint(4, 38, (2, 9))
+    ids[:, 1] = model.cfg.image_token_id
+    # Non-zero gates so the xattn path contributes to the output and to the gradients of everything.
+    with torch.no_grad():
+        for layer in model.xattn_layers.values():
+            layer.attn_gate.fill_(0.5)
+            layer.ffw_gate.fill_(0.5)
+    loss = model(ids, torch.randn(2, 1, 1, 3, 16, 16), labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_loss_gradients_and_names(mode):
+    torch.manual_seed(0)
+    reference = Flamingo(FlamingoConfig.from_preset("demo", **TINY))
+    torch.manual_seed(0)
+    model = Flamingo(FlamingoConfig.from_preset("demo", **TINY))
+    names = [n for n, _ in model.named_parameters()]
+    parallelize(model, ParallelSection(activation_checkpoint=mode), mesh=None)
+    assert [n for n, _ in model.named_parameters()] == names
+    assert all("forward" in vars(m) for unit in model.shard_units() for m in unit)  # every block wrapped
+    want_loss, want = loss_and_grads(reference)
+    got_loss, got = loss_and_grads(model)
+    torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=0)
+    assert got.keys() == want.keys() and len(got) > 10
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_unknown_activation_checkpoint_mode_is_rejected():
+    with pytest.raises(ValueError, match="activation checkpoint mode"):
+        apply_activation_checkpointing(torch.nn.Linear(2, 2), "sometimes")

@@ -1,0 +1,249 @@
+"""Unit tests of the trainer's arithmetic and plumbing: config overrides, LR schedule, accumulation,
+parameter groups, token-normalised loss, JSON state round trip, FLOP counting, scoring."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from flamingo_fast import Flamingo, FlamingoConfig
+from train.checkpoint import from_jsonable, rng_state, set_rng_state, to_jsonable
+from train.config import OptimSection, TrainConfig, config_path, load_config, parse_overrides, to_toml
+from train.evaluate import caption_exact_match, normalize_answer, vqa_accuracy
+from train.loss import count_label_tokens, token_loss_sum
+from train.metrics import BatchShape, FlopCounter
+from train.optim import WarmupCosineSchedule, accumulation_steps, build_optimizer, build_schedule, param_groups
+
+TINY = dict(
+    vocab_size=40, pad_token_id=0,
+    vision={"image_size": 16, "patch_size": 4, "width": 32, "layers": 1, "heads": 2, "mlp_dim": 64},
+    resampler={"dim": 32, "depth": 1, "heads": 2, "head_dim": 16, "n_latents": 4, "max_frames": 1},
+    xattn={"every": 1, "heads": 2, "head_dim": 16},
+    lm={"dim": 32, "layers": 2, "heads": 2, "kv_heads": 1, "ffn_dim": 64, "max_seq_len": 64},
+)
+
+
+def tiny_model(seed: int = 0) -> Flamingo:
+    torch.manual_seed(seed)
+    return Flamingo(FlamingoConfig.from_preset("demo", **TINY))
+
+
+# -- config ---------------------------------------------------------------------------------------------
+def test_overrides_parse_toml_literals_and_strings():
+    parsed = parse_overrides(["--optim.lr=3e-4", "--train.steps", "12", "--parallel.compile=true",
+                              "--train.out_dir=runs/x", '--data.sources=[{kind="shapes", n=5}]'])
+    assert parsed == {"optim": {"lr": 3e-4}, "train": {"steps": 12, "out_dir": "runs/x"},
+                      "parallel": {"compile": True}, "data": {"sources": [{"kind": "shapes", "n": 5}]}}
+
+
+def test_load_config_applies_file_then_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[optim]\nlr = 0.01\nwarmup_steps = 7\n[train]\nsteps = 3\n")
+    cfg = load_config(path, ["--optim.lr=2e-3", "--checkpoint.keep_last=5"])
+    assert cfg.optim.lr == 2e-3 and cfg.optim.warmup_steps == 7 and cfg.train.steps == 3
+    assert cfg.checkpoint.keep_last == 5
+    # An int where a float is expected is accepted as a float.
+    assert load_config(path, ["--optim.lr=1"]).optim.lr == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--optim.nope=1"], "unknown key optim.nope"),
+    (["--nosuch.key=1"], "unknown section"),
+    (["--train.steps=abc"], "train.steps must be an integer"),
+    (["--parallel.compile=1"], "parallel.compile must be true or false"),
+    (["--parallel.activation_checkpoint=some"], "activation_checkpoint must be one of"),
+    (["lr=3"], "expected an override"),
+    (["--parallel.fsdp=false"], "take effect through FSDP"),
+])
+def test_bad_overrides_raise_clear_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, override)
+
+
+@pytest.mark.parametrize("name", ["demo", "xl", "finetune_vqav2", "tiny"])
+def test_shipped_configs_load_and_round_trip_through_toml(name, tmp_path):
+    cfg = load_config(config_path(name))
+    path = tmp_path / "again.toml"
+    path.write_text(to_toml(cfg.to_dict()))
+    assert load_config(path).to_dict() == cfg.to_dict()
+
+
+def test_xl_config_accumulation_matches_the_paper_batch():
+    cfg = load_config(config_path("xl"))
+    assert cfg.train.global_batch_tokens == 2_048_000
+    assert cfg.optim.warmup_steps == 10_000 and cfg.optim.min_lr == 1e-6
+    steps = accumulation_steps(cfg.train.global_batch_tokens, 256, cfg.data.micro_batch_size, cfg.data.max_length)
+    assert steps * 256 * cfg.data.micro_batch_size * cfg.data.max_length == 2_048_000
+
+
+# -- schedule and accumulation ------------------------------------------------------------------------------
+def test_warmup_is_linear_then_cosine_reaches_min_lr():
+    s = WarmupCosineSchedule(lr=1e-3, min_lr=1e-6, warmup=10, decay=100)
+    assert s.lr_at(0) == pytest.approx(1e-4)
+    assert s.lr_at(4) == pytest.approx(5e-4)
+    assert s.lr_at(9) == pytest.approx(1e-3)
+    assert s.lr_at(10) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert s.lr_at(60) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)  # half way
+    assert s.lr_at(110) == pytest.approx(1e-6) and s.lr_at(10**6) == pytest.approx(1e-6)
+    lrs = [s.lr_at(i) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_schedule_state_and_build_schedule():
+    cfg = OptimSection(lr=2e-4, min_lr=1e-6, warmup_steps=10_000)
+    s = build_schedule(cfg, total_steps=50_000)
+    assert (s.warmup, s.decay) == (10_000, 39_999)
+    assert s.lr_at(49_999) == pytest.approx(1e-6) and s.lr_at(49_998) > 1e-6
+    s.advance()
+    s.advance()
+    other = build_schedule(cfg, total_steps=50_000)
+    other.load_state_dict(s.state_dict())
+    assert other.step == 2 and other.lr_at(other.step) == s.lr_at(2)
+    # Short runs: warm-up is cut to the run length.
+    assert build_schedule(cfg, total_steps=100).warmup == 100
+
+
+def test_accumulation_from_global_token_batch():
+    assert accumulation_steps(2_048_000, 256, 4, 1000) == 2
+    assert accumulation_steps(2_048_000, 512, 4, 1000) == 1
+    assert accumulation_steps(4096, 1, 4, 32) == 32
+    assert accumulation_steps(4096, 2, 4, 32) == 16
+    with pytest.raises(ValueError, match="not a multiple"):
+        accumulation_steps(1000, 3, 4, 32)
+    with pytest.raises(ValueError, match="not a multiple"):
+        accumulation_steps(64, 4, 4, 32)  # less than one micro-step per rank
+    with pytest.raises(ValueError, match="world_size must be a positive int"):
+        accumulation_steps(64, 0, 4, 32)
+
+
+# -- optimizer groups -----------------------------------------------------------------------------------------
+def test_param_groups_cover_trainable_only_with_the_right_decay():
+    model = tiny_model()
+    groups = {g["name"]: g for g in param_groups(model, OptimSection(weight_decay=0.1, resampler_weight_decay=0.0))}
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = {names[id(p)]: g["name"] for g in groups.values() for p in g["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(grouped) == trainable
+    assert groups["decay"]["weight_decay"] == 0.1
+    assert groups["resampler"]["weight_decay"] == 0.0 and groups["no_decay"]["weight_decay"] == 0.0
+    assert grouped["xattn_layers.0.attn_gate"] == "no_decay"
+    assert grouped["xattn_layers.0.attn.norm.bias"] == "no_decay"
+    assert grouped["xattn_layers.0.ffw.fc1.weight"] == "decay"
+    assert grouped["lm.special_embed.weight"] == "decay"
+    assert grouped["resampler.layers.0.attn.to_q.weight"] == "resampler"
+    assert grouped["resampler.norm.weight"] == "no_decay"
+
+
+def test_optimizer_keeps_no_state_for_frozen_parameters():
+    model = tiny_model()
+    optimizer = build_optimizer(model, OptimSection())
+    ids = torch.randint(4, 38, (2, 6))
+    ids[:, 1] = model.cfg.image_token_id
+    images = torch.randn(2, 1, 1, 3, 16, 16)
+    model(ids, images, labels=ids).loss.backward()
+    optimizer.step()
+    state_ids = {id(p) for p in optimizer.state}
+    assert state_ids == {id(p) for p in model.parameters() if p.requires_grad}
+    assert all(id(p) not in state_ids for p in model.lm.layers.parameters())
+
+
+# -- loss ------------------------------------------------------------------------------------------------------
+def test_token_loss_sum_matches_model_mean_times_count():
+    model = tiny_model()
+    ids = torch.randint(1, 38, (3, 9))
+    ids[:, 1] = model.cfg.image_token_id
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[2, -2:] = model.cfg.pad_token_id
+    images = torch.randn(3, 1, 1, 3, 16, 16)
+    out = model(ids, images, labels=labels)
+    total = token_loss_sum(out.logits, labels, model.cfg.image_token_id, model.cfg.pad_token_id)
+    count = count_label_tokens(labels, model.cfg.image_token_id, model.cfg.pad_token_id)
+    # Shifted: 8 targets per row. Ignored: row 0 positions 1-2 (-100, covering its <image>), row 1 its
+    # <image>, row 2 its <image> and 2 pads.
+    assert count == 3 * 8 - 2 - 1 - 3
+    torch.testing.assert_close(total / count, out.loss, rtol=1e-6, atol=1e-6)
+
+
+def test_global_token_normalisation_is_independent_of_the_micro_batch_split():
+    # The token-mean over 2 rows equals the sum of per-micro-batch sums / total count, not the mean of means.
+    model = tiny_model()
+    ids = torch.randint(1, 38, (2, 10))
+    ids[:, 0] = model.cfg.image_token_id
+    labels = ids.clone()
+    labels[1, :7] = -100  # the second row has far fewer label tokens
+    images = torch.randn(2, 1, 1, 3, 16, 16)
+    whole = model(ids, images, labels=labels).loss
+    sums = [token_loss_sum(model(ids[i:i + 1], images[i:i + 1]).logits, labels[i:i + 1], model.cfg.image_token_id, 0)
+            for i in range(2)]
+    counts = [count_label_tokens(labels[i:i + 1], model.cfg.image_token_id, 0) for i in range(2)]
+    torch.testing.assert_close(sum(sums) / sum(counts), whole, rtol=1e-5, atol=1e-6)
+    mean_of_means = (sums[0] / counts[0] + sums[1] / counts[1]) / 2
+    assert not torch.allclose(mean_of_means, whole, rtol=1e-3)
+
+
+# -- JSON state ------------------------------------------------------------------------------------------------
+def test_json_state_round_trips_tensors_tuples_and_bytes():
+    state = {"a": torch.arange(5, dtype=torch.int64), "b": (1, 2.5, None), "c": b"\x00\xff",
+             "d": [torch.tensor([1.5, -2.0], dtype=torch.bfloat16), {"e": np.arange(3, dtype=np.uint32)}],
+             "f": torch.empty(0, 3)}
+    back = from_jsonable(__import__("json").loads(__import__("json").dumps(to_jsonable(state))))
+    assert torch.equal(back["a"], state["a"]) and back["b"] == (1, 2.5, None) and back["c"] == b"\x00\xff"
+    assert back["d"][0].dtype == torch.bfloat16 and torch.equal(back["d"][0], state["d"][0])
+    assert np.array_equal(back["d"][1]["e"], state["d"][1]["e"]) and back["f"].shape == (0, 3)
+    with pytest.raises(TypeError, match="cannot store"):
+        to_jsonable({"x": object()})
+
+
+def test_rng_state_round_trip_through_json():
+    import json
+
+    saved = json.loads(json.dumps(to_jsonable(rng_state())))
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    set_rng_state(from_jsonable(saved))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+# -- FLOPs ------------------------------------------------------------------------------------------------------
+def test_flop_counter_charges_trainable_6_frozen_4_vision_2():
+    model = tiny_model()
+    counter = FlopCounter(model)
+    assert counter.vision_rate == 2 and counter.resampler_rate == 6 and counter.xattn_rate == 6
+    assert counter.lm_block_rate == 4
+    text_only = BatchShape(text_tokens=10, text_tokens_sq=100, media_tokens=0, frames=0, media_items=0)
+    lm = model.cfg.lm
+    block_params = sum(m.weight.numel() for m in model.lm.layers.modules() if isinstance(m, torch.nn.Linear))
+    xattn_text = sum(m.weight.numel() for name, m in model.xattn_layers.named_modules()
+                     if isinstance(m, torch.nn.Linear) and "to_kv" not in name)
+    head = 6 * 2 * lm.dim + 4 * lm.vocab_size * lm.dim
+    expected = 10 * (4 * block_params + 6 * xattn_text + head) + 3 * 2 * 100 * lm.dim * lm.layers
+    assert counter.flops(text_only) == pytest.approx(expected)
+    model.set_trainable("all")
+    everything = FlopCounter(model)
+    assert everything.vision_rate == 6 and everything.lm_block_rate == 6
+    with_image = BatchShape(text_tokens=10, text_tokens_sq=100, media_tokens=8, frames=1, media_items=1)
+    assert everything.flops(with_image) > counter.flops(with_image) > counter.flops(text_only)
+
+
+# -- scoring ----------------------------------------------------------------------------------------------------
+def test_vqa_accuracy_and_caption_exact_match():
+    assert normalize_answer("The Two!") == "2"
+    assert vqa_accuracy("red", ["red"] * 10) == 1.0
+    assert vqa_accuracy("Red.", ["red"] * 10) == 1.0
+    assert vqa_accuracy("blue", ["red"] * 10) == 0.0
+    # VQAv2: 2 of 10 annotators agree -> mean over leave-one-out subsets of min(1, matches / 3)
+    two = vqa_accuracy("red", ["red", "red"] + ["blue"] * 8)
+    assert two == pytest.approx((8 * (2 / 3) + 2 * (1 / 3)) / 10)
+    assert caption_exact_match(" a red  circle ", ["a red circle"]) == 1.0
+    assert caption_exact_match("a red circle left", ["a red circle"]) == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        vqa_accuracy("x", [])
+
+
+def test_default_config_validates():
+    TrainConfig().validate()
+    assert math.isclose(TrainConfig().optim.beta2, 0.95)

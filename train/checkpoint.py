@@ -1,0 +1,313 @@
+"""Atomic, resumable checkpoints with `torch.distributed.checkpoint` (DCP).
+
+Layout of one checkpoint, `<folder>/step_00001200/`:
+    .metadata, __<rank>_0.distcp   DCP: {"model": model state, "optim": {"state": AdamW state}} - every
+                                   rank writes its own shards, so a 256-rank run never gathers weights
+    trainer.json                   step, schedule, counters, world size (rank 0)
+    rank_<r>.json                  per-rank state: data pipeline, RNG states (Python, NumPy, torch, CUDA)
+    COMPLETE                       written last
+
+Atomicity: everything is written into `<folder>/.tmp-step_00001200/` and renamed to `step_00001200/` by
+rank 0 only after every rank has finished (barrier). A crash leaves at most a `.tmp-*` folder, which
+`latest()` never picks and the next save deletes. `keep_last` complete checkpoints are kept.
+
+Safety: nothing is unpickled beyond DCP's index. Tensors load with `torch.load(weights_only=True)` (DCP
+does that); the `.metadata` index is read with an allow-list unpickler that only builds DCP's own
+metadata dataclasses, `torch.Size`, dtypes and paths; the non-tensor state is JSON (tensors inside it,
+such as RNG states, are stored as base64 bytes with their dtype and shape). Optimizer hyper-parameters
+(param_groups) are not saved: they come from the config, and the lr from the schedule.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+COMPLETE = "COMPLETE"
+TRAINER_FILE = "trainer.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# -- JSON with tensors -------------------------------------------------------------------------------------
+def to_jsonable(obj: Any) -> Any:
+    """Nested dicts/lists/tuples/scalars/tensors/bytes -> JSON-compatible values (tagged for round trip)."""
+    if isinstance(obj, torch.Tensor):
+        data = obj.detach().cpu().contiguous()
+        raw = data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        return {"__tensor__": str(data.dtype).removeprefix("torch."), "shape": list(data.shape),
+                "data": base64.b64encode(raw).decode("ascii")}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": str(obj.dtype), "shape": list(obj.shape),
+                "data": base64.b64encode(np.ascontiguousarray(obj).tobytes()).decode("ascii")}
+    if isinstance(obj, bytes):
+        return {"__bytes__": base64.b64encode(obj).decode("ascii")}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [to_jsonable(v) for v in obj]}
+    if isinstance(obj, dict):
+        for key in obj:
+            if not isinstance(key, str):
+                raise TypeError(f"state keys must be strings to be stored as JSON, got {key!r}")
+        return {key: to_jsonable(value) for key, value in obj.items()}
+    if isinstance(obj, list):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in checkpoint JSON state")
+
+
+def from_jsonable(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [from_jsonable(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        dtype = getattr(torch, obj["__tensor__"])
+        raw = bytearray(base64.b64decode(obj["data"]))
+        flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        return flat.view(dtype).reshape(obj["shape"]).clone()
+    if "__ndarray__" in obj:
+        return np.frombuffer(base64.b64decode(obj["data"]), dtype=obj["__ndarray__"]).reshape(obj["shape"]).copy()
+    if "__bytes__" in obj:
+        return base64.b64decode(obj["__bytes__"])
+    if "__tuple__" in obj:
+        return tuple(from_jsonable(v) for v in obj["__tuple__"])
+    return {key: from_jsonable(value) for key, value in obj.items()}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w") as f:
+        json.dump(to_jsonable(data), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    with path.open() as f:
+        return from_jsonable(json.load(f))
+
+
+# -- RNG ---------------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -- safe DCP metadata ------------------------------------------------------------------------------------
+_ALLOWED_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only DCP's metadata classes: an index file can't run code the way an arbitrary pickle can."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata" and not name.startswith("__"):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose `.metadata` is read with the allow-list unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        rank = kwargs.get("rank")
+        path = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+        with path.open("rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# -- model / optimizer state -------------------------------------------------------------------------------
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _dcp_process_group_kwargs() -> dict:
+    # Without an initialised process group DCP runs in single-process mode.
+    return {} if dist.is_available() and dist.is_initialized() else {"no_dist": True}
+
+
+def _optimizer_template(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> list[str]:
+    """Load weights into `model` (sharded or not) from a trainer checkpoint folder (its model part) or a
+    .safetensors file. Keys missing from the file keep their current values; returns the missing keys.
+    Unknown keys raise ValueError."""
+    path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():
+        state = {"model": get_model_state_dict(model)}
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+        reader = SafeFileSystemReader(str(path))
+        saved = {k.removeprefix("model."): v for k, v in reader.read_metadata().state_dict_metadata.items()
+                 if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
+        missing = sorted(set(state["model"]) - set(saved))
+        for key in missing:
+            del state["model"][key]
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), **_dcp_process_group_kwargs())
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+        return missing
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors.torch import load_file
+
+        full = load_file(str(path))  # safetensors: plain tensors, no code
+        own = get_model_state_dict(model)
+        unknown = sorted(set(full) - set(own))
+        if unknown:
+            raise ValueError(f"{path}: {len(unknown)} keys are not parameters of this model, e.g. {unknown[:5]}")
+        missing = sorted(set(own) - set(full))  # before set_model_state_dict, which may fill `full` in
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+        return missing
+    raise ValueError(f"init weights {path} must be a trainer checkpoint folder (with .metadata) or a .safetensors file")
+
+
+def export_safetensors(model: nn.Module, path: str | Path) -> None:
+    """Write the full (unsharded) model weights to `path` from rank 0 (all ranks must call it)."""
+    from safetensors.torch import save_file
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in full.items()}, str(tmp))
+        os.replace(tmp, path)
+    _barrier()
+
+
+class CheckpointManager:
+    """Save/find/load checkpoints in `folder` (see the module docstring)."""
+
+    def __init__(self, folder: str | Path, keep_last: int = 3, rank: int = 0, world_size: int = 1):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+
+    # -- discovery ------------------------------------------------------------------------------------------
+    def complete_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete checkpoint, oldest first; `.tmp-*` folders are never listed."""
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for child in self.folder.iterdir():
+            match = STEP_DIR.match(child.name)
+            if match and child.is_dir() and (child / COMPLETE).is_file():
+                found.append((int(match.group(1)), child))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        found = self.complete_checkpoints()
+        return found[-1][1] if found else None
+
+    # -- save -----------------------------------------------------------------------------------------------
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+             rank_state: dict) -> Path:
+        """Write checkpoint `step` atomically; every rank must call this."""
+        final = self.folder / step_dir_name(step)
+        tmp = self.folder / f".tmp-{step_dir_name(step)}"
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            for stale in self.folder.glob(".tmp-step_*"):  # leftovers of a crash
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        optim_state = _optimizer_template(model, optimizer)
+        state = {"model": get_model_state_dict(model), "optim": {"state": optim_state["state"]}}
+        dcp.save(state, storage_writer=FileSystemWriter(str(tmp), sync_files=True), **_dcp_process_group_kwargs())
+        _write_json(tmp / f"rank_{self.rank}.json", rank_state)
+        _barrier()
+        if self.rank == 0:
+            _write_json(tmp / TRAINER_FILE, {**trainer_state, "step": step, "world_size": self.world_size})
+            (tmp / COMPLETE).write_text(f"{step}\n")
+            if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = self.complete_checkpoints()
+        for _, path in complete[: max(len(complete) - self.keep_last, 0)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    # -- load -----------------------------------------------------------------------------------------------
+    def load(self, path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict | None]:
+        """Restore model + optimizer from `path`; returns (trainer_state, this rank's state or None when the
+        checkpoint was written with a different world size)."""
+        path = Path(path)
+        if not (path / COMPLETE).is_file():
+            raise ValueError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+        optim_state = _optimizer_template(model, optimizer)
+        state = {"model": get_model_state_dict(model), "optim": {"state": optim_state["state"]}}
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), **_dcp_process_group_kwargs())
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer,
+                                 {"state": state["optim"]["state"], "param_groups": optim_state["param_groups"]})
+        trainer_state = _read_json(path / TRAINER_FILE)
+        rank_file = path / f"rank_{self.rank}.json"
+        same_world = trainer_state.get("world_size") == self.world_size
+        return trainer_state, (_read_json(rank_file) if same_world and rank_file.is_file() else None)

@@ -1,0 +1,40 @@
+"""Token-summed next-token loss, for normalising by the tokens of the whole global batch.
+
+`Flamingo.loss` returns the mean over one micro-batch; averaging such means over micro-batches and
+ranks would weight a token in a short micro-batch more than one in a long one. The trainer instead sums
+per-token losses here and divides by the label-token count of the entire global batch (all
+micro-batches, all ranks). The ignore rule is the model's (flamingo.py, "Label convention"): labels
+-100, the `<image>` token and the pad token are ignored; labels are aligned with input_ids and shifted
+here. tests/test_train_units.py checks sum / count == Flamingo.loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def loss_targets(labels: torch.Tensor, image_token_id: int, pad_token_id: int | None) -> torch.Tensor:
+    """(B, S) labels -> (B, S-1) next-token targets with IGNORE_INDEX where no loss is taken."""
+    if labels.dim() != 2 or labels.dtype != torch.long:
+        raise ValueError(f"labels must be a (B, S) torch.long tensor, got {tuple(labels.shape)} {labels.dtype}")
+    ignore = (labels == IGNORE_INDEX) | (labels == image_token_id)
+    if pad_token_id is not None:
+        ignore |= labels == pad_token_id
+    return labels.masked_fill(ignore, IGNORE_INDEX)[:, 1:]
+
+
+def count_label_tokens(labels: torch.Tensor, image_token_id: int, pad_token_id: int | None) -> int:
+    return int((loss_targets(labels, image_token_id, pad_token_id) != IGNORE_INDEX).sum())
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, image_token_id: int,
+                   pad_token_id: int | None) -> torch.Tensor:
+    """Sum (not mean) of the next-token cross-entropy over the label tokens, in fp32."""
+    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits must be (B, S, V) matching labels {tuple(labels.shape)}, got {tuple(logits.shape)}")
+    targets = loss_targets(labels, image_token_id, pad_token_id)
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")

@@ -1,0 +1,232 @@
+"""Step metrics: model FLOPs and MFU, and the sinks (a rich console line per log step + metrics.jsonl).
+
+FLOPs (matmuls and attention; embeddings lookups, norms and elementwise ops are not counted):
+- A weight matrix applied to n tokens costs 2 n params FLOPs forward. Backward costs another 2 n params
+  for the input gradient and 2 n params for the weight gradient. So per token a TRAINABLE weight costs 6,
+  a FROZEN weight whose input still needs a gradient (the LM blocks and head: the trainable xattn layers
+  sit between them) costs 4, and a frozen weight with nothing trainable upstream (the vision encoder:
+  images need no gradient) costs 2 (forward only).
+- Attention: forward 4 * q_len * k_len * head_dims FLOPs (QK^T and PV), causal self-attention half of
+  that; backward twice the forward whenever the attention's inputs need gradients (x3 in all).
+  Cross-attention: every text token sees the n_latents latents of one image.
+- Each weight is charged for the tokens it actually sees: vision blocks for patches, the resampler's
+  key/value projections for (patches + latents), its queries/FFW for latents, xattn to_kv for the
+  latents of the batch's images, everything else for text tokens.
+MFU = achieved model FLOP/s / peak FLOP/s of the devices (bf16 dense peak for known GPUs; on CPU an
+estimate of threads x 2.5 GHz x 32 fp32 FLOP/cycle (AVX2 FMA), so treat CPU MFU as indicative).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s per device.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "GH200": 989.0, "A100": 312.0, "A800": 312.0,
+                   "L40S": 362.0, "A10": 125.0, "V100": 125.0}
+
+
+def device_peak_flops(device: torch.device) -> float:
+    """Peak FLOP/s of one device (see the module docstring); 0 when unknown."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+        return 0.0
+    return torch.get_num_threads() * 2.5e9 * 32
+
+
+def _linear_params(module: torch.nn.Module) -> int:
+    """Parameters of the nn.Linear / Conv layers inside `module` (the ones that cost matmul FLOPs)."""
+    total = 0
+    for sub in module.modules():
+        if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)):
+            total += sub.weight.numel()
+    return total
+
+
+def _trainable(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+@dataclass
+class BatchShape:
+    """What the FLOP count needs from one micro-batch (real tokens only, padding excluded)."""
+
+    text_tokens: int  # sum of row lengths
+    text_tokens_sq: int  # sum of squared row lengths (causal self-attention)
+    media_tokens: int  # text tokens that see an image (media_index >= 0)
+    frames: int  # images x frames actually present
+    media_items: int  # images present (each gives n_latents latents)
+
+    @classmethod
+    def from_batch(cls, batch: dict[str, torch.Tensor]) -> "BatchShape":
+        lengths = batch["attention_mask"].sum(dim=1) if "attention_mask" in batch else \
+            torch.full((batch["input_ids"].shape[0],), batch["input_ids"].shape[1])
+        media = batch.get("media_index")
+        real = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones_like(batch["input_ids"], dtype=torch.bool)
+        media_tokens = int(((media >= 0) & real).sum()) if media is not None else 0
+        images = batch.get("images")
+        num_images = batch.get("num_images")
+        frames_per = images.shape[2] if images is not None and images.dim() == 6 else 0
+        items = int(num_images.sum()) if num_images is not None else (images.shape[0] * images.shape[1] if frames_per else 0)
+        return cls(int(lengths.sum()), int((lengths.long() ** 2).sum()), media_tokens, items * frames_per, items)
+
+    def __add__(self, other: "BatchShape") -> "BatchShape":
+        return BatchShape(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
+
+
+class FlopCounter:
+    """Training FLOPs of a Flamingo model per micro-batch (rules in the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module):
+        cfg = model.cfg
+        self.cfg = cfg
+
+        def rate(module: torch.nn.Module, needs_input_grad: bool = True) -> int:
+            # FLOPs per token per parameter for this module's weights.
+            if _trainable(module):
+                return 6
+            return 4 if needs_input_grad else 2
+
+        vision_upstream_trainable = _trainable(model.vision)
+        self.vision_rate = rate(model.vision, needs_input_grad=vision_upstream_trainable)
+        self.vision_block_params = _linear_params(model.vision.encoder)
+        self.patch_params = _linear_params(model.vision.embeddings)
+        self.vision_tokens = cfg.vision.num_patches + int(cfg.vision.class_token)
+        self.vision_features = cfg.vision.num_features
+
+        rs = model.resampler
+        self.resampler_rate = rate(rs, needs_input_grad=vision_upstream_trainable)
+        self.media_proj_params = _linear_params(rs.media_proj)
+        self.resampler_q_out_ffw = sum(_linear_params(layer.attn.to_q) + _linear_params(layer.attn.to_out)
+                                       + _linear_params(layer.ffw) for layer in rs.layers)
+        self.resampler_kv = sum(_linear_params(layer.attn.to_kv) for layer in rs.layers)
+        self.resampler_inner = cfg.resampler.heads * cfg.resampler.head_dim
+        self.n_latents = cfg.resampler.n_latents
+
+        xattn = list(model.xattn_layers.values())
+        self.xattn_rate = rate(model.xattn_layers) if xattn else 0
+        self.xattn_text_params = sum(_linear_params(x.attn.to_q) + _linear_params(x.attn.to_out)
+                                     + _linear_params(x.ffw) for x in xattn)
+        self.xattn_kv_params = sum(_linear_params(x.attn.to_kv) for x in xattn)
+        self.xattn_inner = cfg.xattn.heads * cfg.xattn.head_dim
+        self.num_xattn = len(xattn)
+
+        lm = model.lm
+        self.lm_block_rate = rate(lm.layers)
+        self.lm_block_params = _linear_params(lm.layers)
+        self.head_flops_per_token = rate(lm.lm_head) * lm.lm_head.weight.numel() + \
+            rate(lm.special_head) * lm.special_head.weight.numel()
+        self.lm_inner = cfg.lm.heads * cfg.lm.head_dim
+        self.lm_layers = cfg.lm.layers
+
+    def flops(self, shape: BatchShape) -> float:
+        """Forward + backward FLOPs of one micro-batch."""
+        attn_mult = 3  # forward + backward for attention whose inputs need gradients
+        total = 0.0
+        # Vision encoder, per frame.
+        vision_attn = 4 * self.vision_tokens**2 * self.cfg.vision.width * self.cfg.vision.layers
+        total += shape.frames * (self.vision_rate * (self.vision_block_params * self.vision_tokens
+                                                     + self.patch_params * self.cfg.vision.num_patches)
+                                 + (attn_mult if self.vision_rate > 2 else 1) * vision_attn)
+        # Perceiver Resampler, per media item (its F frames are flattened into one key sequence).
+        frames_per_item = shape.frames / max(shape.media_items, 1)
+        kv_len = frames_per_item * self.vision_features + self.n_latents
+        rs_rate = self.resampler_rate
+        rs_mult = attn_mult if rs_rate > 2 else 1
+        total += shape.media_items * (
+            rs_rate * (self.media_proj_params * frames_per_item * self.vision_features
+                       + self.resampler_q_out_ffw * self.n_latents + self.resampler_kv * kv_len)
+            + rs_mult * 4 * self.n_latents * kv_len * self.resampler_inner * self.cfg.resampler.depth)
+        # Gated xattn-dense layers.
+        total += self.xattn_rate * (self.xattn_text_params * shape.text_tokens
+                                    + self.xattn_kv_params * shape.media_items * self.n_latents)
+        total += attn_mult * 4 * shape.media_tokens * self.n_latents * self.xattn_inner * self.num_xattn
+        # LM blocks (causal self-attention: half of the full score matrix) and the output head.
+        total += self.lm_block_rate * self.lm_block_params * shape.text_tokens
+        total += attn_mult * 2 * shape.text_tokens_sq * self.lm_inner * self.lm_layers
+        total += self.head_flops_per_token * shape.text_tokens
+        return total
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Peak accelerator memory (GiB) since the last call, or the process RSS on CPU."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        reserved = torch.cuda.max_memory_reserved(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"mem_gib": round(peak, 3), "mem_reserved_gib": round(reserved, 3)}
+    try:
+        with open("/proc/self/statm") as f:
+            rss_pages = int(f.read().split()[1])
+        return {"mem_gib": round(rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**30, 3)}
+    except (OSError, ValueError):
+        return {}
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        if value != value or math.isinf(value):
+            return str(value)
+        return f"{value:.3e}" if (abs(value) < 1e-3 and value != 0) or abs(value) >= 1e5 else f"{value:.4f}"
+    return str(value)
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step to `metrics.jsonl` and prints a console line (rank 0)."""
+
+    CONSOLE_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gib", "skipped")
+
+    def __init__(self, out_dir: str | Path, enabled: bool, console=None, resume_step: int | None = None):
+        """resume_step: continue an existing file, dropping records after that step (logged by the run
+        being resumed after its last checkpoint, and about to be logged again)."""
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.console = console
+        self._file = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if resume_step is not None and self.path.is_file():
+                kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            self._file = self.path.open("w")
+            for record in kept:
+                self._file.write(json.dumps(record) + "\n")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.console is not None:
+            parts = [f"step {record['step']}"] + [f"{key} {_format(record[key])}" for key in self.CONSOLE_KEYS
+                                                  if key in record]
+            self.console.print("  ".join(parts))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl; a torn last line (the process was killed mid-write) is dropped."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return records
