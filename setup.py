@@ -3,6 +3,7 @@
 With a CUDA build of torch and nvcc available, the CUDA sources under csrc/ are compiled for sm_90a
 (Hopper: wgmma, TMA, setmaxnreg) even when no GPU is present; TORCH_CUDA_ARCH_LIST overrides the target.
 With a CPU-only torch (or FLAMINGO_FAST_NO_CUDA=1) only the host part is built and the package still works.
+FLAMINGO_FAST_ATTENTION_FP16=1 also builds the fp16 attention kernels (bf16 only by default).
 The source list is a glob shared in spirit with CMakeLists.txt: both compile every file under csrc/ except
 csrc/tests/, so no list is written twice.
 """
@@ -77,6 +78,9 @@ def _ext_modules():
         *arch_flags,
     ]
     defines = ["-DFLAMINGO_FAST_WITH_CUDA", f'-DFLAMINGO_FAST_CUDA_ARCHS="{archs}"']
+    if os.environ.get("FLAMINGO_FAST_ATTENTION_FP16", "0") == "1":
+        # fp16 attention kernels double the build time, so they are opt-in (bf16 is always built).
+        defines.append("-DFLAMINGO_FAST_ATTENTION_FP16")
     return [CUDAExtension(
         "flamingo_fast._C",
         _sources("*.cpp") + _sources("*.cu"),

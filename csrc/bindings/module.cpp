@@ -4,6 +4,9 @@
 #include "media_tile_plan.h"
 #ifdef FLAMINGO_FAST_WITH_CUDA
 #include <cuda_runtime_api.h>
+
+#include "attention.h"
+#include "perceiver.h"
 #endif
 
 namespace {
@@ -13,9 +16,11 @@ pybind11::dict build_info() {
 #ifdef FLAMINGO_FAST_WITH_CUDA
   info["cuda"] = true;
   info["cuda_version"] = CUDART_VERSION;
+  flamingo_fast::add_attention_build_info(info);
 #else
   info["cuda"] = false;
   info["cuda_version"] = pybind11::none();
+  info["attention_dtypes"] = pybind11::list();
 #endif
 #ifdef FLAMINGO_FAST_CUDA_ARCHS
   info["cuda_archs"] = FLAMINGO_FAST_CUDA_ARCHS;
@@ -35,4 +40,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("only_immediate") = true,
         "Tile plan of the media mask: (q_plan (B, nQ, 2), k_plan (B, nK, 2)) int32 [begin, end) ranges. "
         "Runs on the tensor's device (CUDA without a host sync).");
+#ifdef FLAMINGO_FAST_WITH_CUDA
+  flamingo_fast::register_attention(m);
+  flamingo_fast::register_perceiver(m);
+#endif
 }
