@@ -47,13 +47,21 @@ nvcc --version 2>&1 | tail -2
 echo "cores $(nproc); git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
 # 2. Build the extension in place with every core (torch's BuildExtension runs ninja with MAX_JOBS jobs).
-stage "building flamingo_fast._C (limit $(limit 260) s)"
+# The image sets CC/CXX to /opt/gcc/bin/* wrappers that link libstdc++ statically into shared objects (ldd of
+# the _C built with them lists no libstdc++): the extension then carries its own copy of the iostream/locale
+# code, and the first TORCH_CHECK that formats a number segfaults in it (seen 2026-11-28, cuda-gdb backtrace in
+# std::ostream::_M_insert<long> inside _C.so). The distribution's gcc/g++ (same 13.3) link it dynamically.
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+stage "building flamingo_fast._C with ${CXX:-c++} (limit $(limit 260) s)"
 BUILD_START=$(date +%s)
 MAX_JOBS=$(nproc) run_limited "$(limit 260)" "$PY" setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1
 BUILD_RC=$?
 BUILD_SECONDS=$(( $(date +%s) - BUILD_START ))
 echo "build exit $BUILD_RC after ${BUILD_SECONDS} s"
 tail -5 "$OUT/build.log"
+if [ "$BUILD_RC" -eq 0 ] && ! ldd flamingo_fast/_C*.so | grep -q "libstdc++"; then
+  echo "WARNING: flamingo_fast/_C does not link libstdc++ dynamically; C++ error paths may crash (see above)"
+fi
 
 # 3. One small fwd + bwd per kernel kind, each in its own process with a short limit.
 SMOKE_FAILED=""

@@ -52,16 +52,26 @@ def rand(*shape: int, dtype: torch.dtype, generator: torch.Generator) -> torch.T
     return torch.randn(*shape, generator=generator, device=DEVICE, dtype=torch.float32).to(dtype)
 
 
-def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float, floor: float = 0.0) -> None:
+    """Relative Frobenius error <= tol. `floor` bounds the denominator from below where the exact answer
+    cancels to (nearly) zero although its terms do not, e.g. dq and dk with a single key."""
     assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     got64 = got.double()
     assert torch.isfinite(got64).all(), f"{name}: non-finite values (an unwritten output element?)"
     err = (got64 - want).norm().item()
-    norm = want.norm().item()
+    norm = max(want.norm().item(), floor)
     if norm == 0.0:
         assert err == 0.0, f"{name}: expected exact zeros, got norm {err}"
     else:
-        assert err / norm <= tol, f"{name}: relative error {err / norm:.3e} > {tol:.0e}"
+        assert err / norm <= tol, f"{name}: relative error {err / norm:.3e} > {tol:.0e} (reference norm {norm:.3e})"
+
+
+def cancellation_floor(scale: float, dout: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """1e-4 of a bound on |dq| (a=k) or |dk| (a=q): |scale| * |dout| * max row norm of a * max row norm of v (b).
+    dS = P * (dP - D) cancels exactly when a query sees one key, so the float64 dq/dk are ~0 while the
+    kernel's fp32 dP - D leaves rounding noise of ~1e-7 of this bound; real gradients are far above it."""
+    return 1e-4 * abs(scale) * dout.double().norm().item() * a.double().norm(dim=-1).max().item() * \
+        b.double().norm(dim=-1).max().item()
 
 
 def assert_lse_close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -109,8 +119,9 @@ class Case:
         poison((q.shape, q.dtype), (k.shape, k.dtype), (v.shape, v.dtype))
         dq, dk, dv = self.bwd(dout, q, k, v, out, lse, *self.extra)
         torch.cuda.synchronize()
-        assert_close("dq", dq, want_dq, tol)
-        assert_close("dk", dk, want_dk, tol)
+        scale = self.extra[-1]
+        assert_close("dq", dq, want_dq, tol, cancellation_floor(scale, dout, k, v))
+        assert_close("dk", dk, want_dk, tol, cancellation_floor(scale, dout, q, v))
         assert_close("dv", dv, want_dv, tol)
 
 

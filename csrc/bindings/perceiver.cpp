@@ -158,10 +158,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   g.partials = partials.data_ptr<float>();
   const cudaError_t status = launch_perceiver_kv_input_bwd(g, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "perceiver_kv_input_bwd launch failed: ", cudaGetErrorString(status));
-  // Fixed-order sums of the per-warp partials: deterministic.
-  const at::Tensor media_sums = partials.narrow(0, 0, g.media_warps).sum(0).to(media.scalar_type());
-  const at::Tensor latent_sums = partials.narrow(0, g.media_warps, g.latent_warps).sum(0).to(media.scalar_type());
-  return {d_media, d_latents, media_sums[0], media_sums[1], latent_sums[0], latent_sums[1]};
+  // Fixed-order sums of the per-warp partials: deterministic. Each gradient is its own tensor (rows of one
+  // sum would alias each other, which torch.library custom ops refuse).
+  const auto param_grad = [&](int64_t first_warp, int64_t warps, int64_t which) {
+    return partials.narrow(0, first_warp, warps).select(1, which).sum(0).to(media.scalar_type());
+  };
+  return {d_media, d_latents, param_grad(0, g.media_warps, 0), param_grad(0, g.media_warps, 1),
+          param_grad(g.media_warps, g.latent_warps, 0), param_grad(g.media_warps, g.latent_warps, 1)};
 }
 
 void register_perceiver(pybind11::module_& m) {
