@@ -20,6 +20,8 @@ from bench.harness import DTYPE_NAMES, Row, Settings, bench_case, fill_best_peer
 from bench.impls import IMPL_NAMES
 
 E2E_OP = "train_step"
+GENERATE_OP = "generate"
+ALL_OPS = OPS + (E2E_OP, GENERATE_OP)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -36,10 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, metavar="PATH", help="write a PNG of TFLOP/s against sequence length")
     parser.add_argument("--save", type=Path, metavar="DIR",
                         help="also write DIR/<date>-<device>.json, .md (summary) and .png (e.g. bench/results)")
-    parser.add_argument("--ops", nargs="+", choices=OPS + (E2E_OP,), default=list(OPS + (E2E_OP,)),
-                        help="ops to run (train_step = the end-to-end training step)")
+    parser.add_argument("--ops", nargs="+", choices=ALL_OPS, default=list(ALL_OPS),
+                        help="ops to run (train_step = the end-to-end training step; generate = greedy decoding "
+                             "with the media K/V cached vs recomputed every step, as OpenFlamingo does)")
     parser.add_argument("--impls", nargs="+", choices=IMPL_NAMES, default=None,
-                        help="implementations to run (default: all); train_step uses torch, compile, cuda")
+                        help="implementations to run (default: all); train_step uses torch, compile, cuda; "
+                             "generate uses torch")
     parser.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS))
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when a GPU is visible, else cpu")
@@ -107,6 +111,8 @@ def _console(stderr: bool = False):
 def _run(args, device: torch.device, dtype: torch.dtype, argv) -> int:
     from bench import report
     from bench.e2e import VARIANTS, bench_e2e
+    from bench.generation import IMPL as GENERATE_IMPL
+    from bench.generation import bench_generation
 
     explicit_compiled = bool(args.impls) and any(n in args.impls for n in ("compile", "flex"))
     kernel_ops = tuple(op for op in args.ops if op in OPS)
@@ -145,12 +151,15 @@ def _run(args, device: torch.device, dtype: torch.dtype, argv) -> int:
     if E2E_OP in args.ops:
         variants = tuple(v for v in VARIANTS if args.impls is None or v in args.impls)
         rows += bench_e2e(settings, peaks, args.quick, variants, on_row=progress)
+    if GENERATE_OP in args.ops and (args.impls is None or GENERATE_IMPL in args.impls):
+        rows += bench_generation(settings, args.quick, on_row=progress)
     fill_best_peer(rows)
 
     note = f"  ({case_note})" if case_note else ""
     report.print_tables(rows, out, peaks, title_note=note)
     targets = report.media_targets(rows)
     report.print_targets(targets, out)
+    report.print_generation(report.generation_ratios(rows), out)
     log.print(f"[dim]done in {time.perf_counter() - started:.0f} s[/dim]")
 
     if args.json:

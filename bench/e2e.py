@@ -37,6 +37,7 @@ from bench.harness import (
     Peaks,
     Row,
     Settings,
+    mark_rows,
     time_cpu,
 )
 from bench.impls import Unavailable
@@ -308,10 +309,7 @@ def bench_e2e_case(case: E2ECase, variants: tuple[str, ...], settings: Settings,
     try:
         prepared = prepare_e2e(case, settings)
     except Unavailable as exc:
-        for row in rows:
-            row.status, row.note = "unavailable", str(exc)
-            on_row(row)
-        return rows
+        return mark_rows(rows, "unavailable", str(exc), on_row)
     for row in rows:
         row.gflop = prepared.step_flops / 1e9
         row.oracle = "eager-fp64 loss"
@@ -370,11 +368,8 @@ def bench_e2e(settings: Settings, peaks: Peaks, quick: bool, variants: tuple[str
     rows = []
     for case in (QUICK_DEMO, E2E_CASES[1]) if quick else E2E_CASES:
         if quick and case.needs_cuda and settings.device.type == "cuda":
-            skipped = [_row(case, v, settings) for v in variants]
-            for row in skipped:
-                row.status, row.note = "skipped", "skipped by --quick (demo model only)"
-                on_row(row)
-            rows += skipped
+            rows += mark_rows([_row(case, v, settings) for v in variants], "skipped",
+                              "skipped by --quick (demo model only)", on_row)
             continue
         rows += bench_e2e_case(case, variants, settings, peaks, on_row)
     return rows

@@ -346,6 +346,14 @@ def bench_case(case: Case, direction: str, impls: list[Impl], settings: Settings
     return rows
 
 
+def mark_rows(rows: list[Row], status: str, note: str, on_row: Callable[[Row], None]) -> list[Row]:
+    """Give every row one status and note (e.g. a model that cannot run on this device) and report each."""
+    for row in rows:
+        row.status, row.note = status, note
+        on_row(row)
+    return rows
+
+
 def fill_best_peer(rows: list[Row], exclude: tuple[str, ...] = ("reference",)) -> None:
     """speedup_vs_best_peer = (fastest OTHER timed implementation of the same op, case and direction) / ms.
 

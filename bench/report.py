@@ -13,6 +13,7 @@ from bench.harness import Row
 # fp32 forward, 2k text tokens: >= 5x at 8 images and >= 20x at 32 images (fwd+bwd is reported alongside).
 MEDIA_TARGETS = {8: 5.0, 32: 20.0}
 MEDIA_TARGET_SEQ = 2048
+MODEL_OPS = ("train_step", "generate")  # whole-model rows: tokens/s columns, not on the kernels' plot
 STATUS_STYLE = {"ok": "", "wrong": "red", "error": "red", "unavailable": "dim", "skipped": "dim"}
 
 
@@ -55,7 +56,7 @@ def print_tables(rows: list[Row], console, peaks=None, title_note: str = "") -> 
         )
     for op in dict.fromkeys(r.op for r in rows):
         op_rows = [r for r in rows if r.op == op]
-        e2e = op == "train_step"
+        e2e = op in MODEL_OPS
         first = op_rows[0]
         table = Table(title=f"{op}  [{first.device}, {first.dtype}, {first.threads or '-'} threads]{title_note}",
                       title_justify="left")
@@ -118,6 +119,41 @@ def media_targets(rows: Iterable[Row]) -> list[dict]:
     return sorted(results, key=lambda t: (t["images"], t["direction"] != "fwd"))
 
 
+def generation_ratios(rows: Iterable[Row]) -> list[dict]:
+    """Per generation series (model, prompt, images): the media K/V cache's speedup over recomputing the
+    K/V every step (OpenFlamingo) and over re-encoding the images every step, from the same run."""
+    by_series: dict[str, dict[str, Row]] = {}
+    for row in rows:
+        if row.op == "generate":
+            by_series.setdefault(row.series, {})[row.shape.get("media_cache")] = row
+    results = []
+    for series, modes in by_series.items():
+        cached = modes.get("kv")
+        if cached is None or cached.ms is None:
+            continue
+        result = {"case": series, "images": cached.shape.get("images"), "kv_tokens_per_s": cached.tokens_per_s}
+        for mode, key in (("latents", "recompute"), ("none", "reencode")):
+            other = modes.get(mode)
+            timed = other is not None and other.ms is not None
+            result[f"{key}_tokens_per_s"] = other.tokens_per_s if timed else None
+            result[f"{key}_ratio"] = other.ms / cached.ms if timed else None
+        results.append(result)
+    return results
+
+
+def _times(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def print_generation(ratios: list[dict], console) -> None:
+    for r in ratios:
+        console.print(
+            f"generate {r['case']}: media K/V cached {_sig(r['kv_tokens_per_s'])} tokens/s; recomputed every step "
+            f"(OpenFlamingo) {_sig(r['recompute_tokens_per_s'])} -> cache {_times(r['recompute_ratio'])} faster; "
+            f"images re-encoded every step {_sig(r['reencode_tokens_per_s'])} -> {_times(r['reencode_ratio'])}"
+        )
+
+
 def print_targets(targets: list[dict], console) -> None:
     for t in targets:
         if t["target"] is None:
@@ -159,7 +195,7 @@ def write_plot(rows: list[Row], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    timed = [r for r in rows if r.tflops is not None and r.op != "train_step"]
+    timed = [r for r in rows if r.tflops is not None and r.op not in MODEL_OPS]
     ops = list(dict.fromkeys(r.op for r in timed)) or ["(no timed rows)"]
     directions = list(dict.fromkeys(r.direction for r in timed)) or ["fwd"]
     fig, axes = plt.subplots(len(ops), len(directions), figsize=(6.5 * len(directions), 4.2 * len(ops)),
@@ -215,6 +251,15 @@ def markdown_summary(rows: list[Row], meta: dict, targets: list[dict]) -> str:
                 verdict = f">= {t['target']:g}x " + ("met" if t["met"] else "**missed**")
             lines.append(f"| {t['case']} | {t['direction']} | {t['torch_ms']:.3g} | {t['openflamingo_dense_ms']:.3g} | "
                          f"{t['ratio']:.1f}x | {verdict} |")
+        lines.append("")
+    ratios = generation_ratios(rows)
+    if ratios:
+        lines += ["## generate: media K/V cached vs recomputed every step (OpenFlamingo), same run", "",
+                  "| case | cached tokens/s | recomputed tokens/s | cache speedup | re-encoded tokens/s | speedup |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {_sig(r['kv_tokens_per_s'])} | {_sig(r['recompute_tokens_per_s'])} | "
+                  f"{_times(r['recompute_ratio'])} | {_sig(r['reencode_tokens_per_s'])} | "
+                  f"{_times(r['reencode_ratio'])} |" for r in ratios]
         lines.append("")
     lines += ["## Timed rows", "",
               "| op | case | dir | impl | ms | TFLOP/s | GB/s | % roofline | rel err | vs best peer |",

@@ -49,7 +49,7 @@ def test_quick_json_schema(quick_run):
 @pytest.mark.slow
 def test_quick_covers_every_op_and_both_directions(quick_run):
     _, rows = quick_run
-    for op in OPS + ("train_step",):
+    for op in OPS + ("train_step", "generate"):
         timed = [r for r in rows if r["op"] == op and r["available"] and r["ms"] is not None]
         assert timed, f"no timed row for {op}"
     for op in OPS:

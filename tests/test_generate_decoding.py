@@ -7,7 +7,7 @@ import transformers  # dev extra (oracle for greedy and beam search); runs in CI
 
 from flamingo_fast.convert import from_hf_llama, llama_config
 from flamingo_fast.models import Flamingo, FlamingoConfig
-from flamingo_fast.models.generate import _Decoder, benchmark_media_cache, generate, sample_next
+from flamingo_fast.models.generate import _Decoder, generate, sample_next
 
 TINY = dict(
     vision={"image_size": 16, "patch_size": 4, "width": 32, "layers": 1, "heads": 2, "mlp_dim": 64},
@@ -177,14 +177,6 @@ def test_bad_inputs():
         generate(model, ids, images(1, 1), do_sample=True, temperature=0)
     with pytest.raises(ValueError, match="not both"):
         generate(model, ids, images(1, 1), do_sample=True, num_beams=2)
-
-
-def test_benchmark_media_cache_runs_all_modes():
-    model = make_model()
-    result = benchmark_media_cache(model, num_images=2, prompt_tokens=16, new_tokens=4, repeats=1)
-    assert set(result) == {"kv", "latents", "none"}
-    assert all(r["tokens_per_s"] > 0 for r in result.values())
-    assert result["kv"]["speedup_of_kv"] == 1.0
 
 
 # -- against Hugging Face's generate (text only: a Flamingo whose LM is an imported HF Llama) --------------------

@@ -232,6 +232,19 @@ def test_cached_decoding_matches_full_forward():
         model(ids[:, :1], imgs, cache=cache)  # media were given to this cache already
 
 
+def test_left_padded_rows_match_each_row_alone():
+    model = make_model(gates=0.8)
+    ids = tokens(["ttitttit", "tttttiti"])
+    padding = torch.zeros(2, 8, dtype=torch.bool)
+    ids[1, :3], padding[1, :3] = 0, True  # row 1: 3 padding tokens, then "ttiti"
+    imgs = images(2, 2)
+    with torch.no_grad():
+        padded = model(ids, imgs, key_padding_mask=padding).logits
+        for r, start in ((0, 0), (1, 3)):
+            alone = model(ids[r:r + 1, start:], imgs[r:r + 1]).logits
+            torch.testing.assert_close(padded[r:r + 1, start:], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_cache_rejects_more_images_than_cached():
     model = make_model(gates=0.8)
     ids = tokens(["tittit"])

@@ -74,6 +74,29 @@ def test_vision_attention_matches_plain_math():
     torch.testing.assert_close(vit(images), expected, rtol=1e-10, atol=1e-10)
 
 
+def test_vision_conv_stem_layout_and_math():
+    """stem_channels: 3x3 stride-2 convs + GELU, then a 1x1 patch_embedding; same token grid as patchify."""
+    cfg = tiny_cfg(vision={"stem_channels": (8, 12)}).vision
+    torch.manual_seed(2)
+    vit = VisionTransformer(cfg).double()
+    images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    assert vit(images).shape == (2, 16, 32)
+    emb = vit.embeddings
+    assert emb.patch_embedding.weight.shape == (32, 12, 1, 1)
+    F = torch.nn.functional
+    h = F.gelu(F.conv2d(images, emb.stem[0].weight, emb.stem[0].bias, stride=2, padding=1))
+    h = F.gelu(F.conv2d(h, emb.stem[2].weight, emb.stem[2].bias, stride=2, padding=1))
+    tokens = F.conv2d(h, emb.patch_embedding.weight).flatten(2).transpose(1, 2)  # (2, 16, 32)
+    expected = torch.cat([emb.class_embedding.expand(2, 1, -1), tokens], 1) + emb.position_embedding.weight
+    torch.testing.assert_close(emb(images), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("stem", [(8,), (8, 12, 16), (8, 0)])
+def test_vision_bad_stem_names_stem_channels(stem):
+    with pytest.raises(ValueError, match="stem_channels"):
+        tiny_cfg(vision={"stem_channels": stem}).validate()
+
+
 def test_vision_wrong_channels_names_images():
     vit = VisionTransformer(tiny_cfg().vision)
     with pytest.raises(ValueError, match=r"images.*3 channels"):
@@ -347,6 +370,33 @@ def test_lm_kv_cache_decoding_matches_full_forward():
         lm(ids[:, :6], cache=cache)
     with pytest.raises(ValueError, match="batch"):
         lm(ids[:1, :1], cache=lm.new_cache(batch_size=2, max_length=4))
+
+
+def test_lm_left_padding_mask_matches_each_row_alone_with_and_without_cache():
+    lm = make_lm()
+    rows = [torch.randint(0, 32, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 3, 5)]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    padding = torch.ones(3, 7, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        ids[r, 7 - len(row):], padding[r, 7 - len(row):] = row, False
+    with torch.no_grad():
+        full = lm(ids, key_padding_mask=padding)
+        cache = lm.new_cache(batch_size=3, max_length=9)
+        lm(ids, cache=cache, key_padding_mask=padding)
+        new = torch.tensor([[4], [5], [6]])
+        step = lm(new, cache=cache, key_padding_mask=torch.cat([padding, torch.zeros(3, 1, dtype=torch.bool)], 1))
+        for r, row in enumerate(rows):
+            alone = lm(torch.cat([row, new[r]])[None])
+            torch.testing.assert_close(full[r, 7 - len(row):], alone[0, :-1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(step[r, 0], alone[0, -1], rtol=1e-5, atol=1e-5)
+    # No padding at all: the explicit mask reproduces the default causal path; explicit positions are used.
+    torch.testing.assert_close(lm(ids, key_padding_mask=torch.zeros(3, 7, dtype=torch.bool)), lm(ids),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lm(ids, positions=torch.arange(7)), lm(ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        lm(ids, key_padding_mask=padding[:, 1:])
+    with pytest.raises(ValueError, match="positions"):
+        lm(ids, positions=torch.arange(6))
 
 
 def test_lm_before_block_hook_runs_before_each_block():

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from flamingo_fast.convert import load_pretrained
 from train.config import config_path, load_config
 from train.loop import NonFiniteLossError, Trainer
 
@@ -66,7 +67,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
 def test_run_writes_metrics_jsonl_and_checkpoints(tmp_path):
     cfg = tiny(tmp_path, "--train.steps=3", "--train.log_every=1", "--checkpoint.every=2", "--eval.at_end=true",
                "--checkpoint.export_safetensors=true")
-    result = Trainer(cfg).run()
+    trainer = Trainer(cfg)
+    result = trainer.run()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     for record in records:
@@ -76,6 +78,9 @@ def test_run_writes_metrics_jsonl_and_checkpoints(tmp_path):
     assert [r["lr"] for r in records] == pytest.approx([cfg.optim.lr / 2, cfg.optim.lr, cfg.optim.min_lr])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.toml").is_file()
+    exported, tokenizer = load_pretrained(tmp_path)  # the export is a flamingo_fast.convert.save_pretrained folder
+    torch.testing.assert_close(exported.state_dict(), trainer.model.state_dict(), rtol=0, atol=0)
+    assert tokenizer.vocab_size == trainer.tokenizer.vocab_size
     assert result.steps == 3 and result.last_eval is not None
     assert result.last_eval.num_caption == 8 and result.last_eval.num_vqa == 8
     assert 0.0 <= result.last_eval.caption_exact_match <= 1.0
@@ -100,3 +105,24 @@ def test_finetune_mode_runs_epochs_with_eval_after_each(tmp_path):
     assert [(e["step"], e["epoch"]) for e in evals] == [(2, 1), (4, 2)]
     assert result.last_eval is None and len(result.evals) == 2  # the epoch-2 eval is the final one
     assert all(e["vqa_accuracy"] is not None for e in evals)
+
+
+def test_cache_free_evaluation_for_sharded_models_equals_the_cached_one(tmp_path):
+    from train.data import eval_collator, eval_samples
+    from train.evaluate import evaluate
+
+    trainer = Trainer(tiny(tmp_path))
+    model = trainer.model
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights that make the tiny model's outputs depend on context and images
+        for name, p in model.named_parameters():
+            if not name.startswith("vision."):
+                noise = torch.randn(p.shape, generator=g)
+                p.copy_(2 * noise / p.shape[-1] ** 0.5 if p.dim() > 1 else 1 + 0.2 * noise)
+    samples = eval_samples(trainer.cfg.eval.sources, trainer.image_size)[::3]  # captions and questions
+    collator = eval_collator(trainer.tokenizer, trainer.image_size)
+    cached = evaluate(model, samples, collator, batch_size=3, max_new_tokens=5)
+    free = evaluate(model, samples, collator, batch_size=3, max_new_tokens=5, use_cache=False)
+    assert cached.examples == free.examples and cached.metrics() == free.metrics()
+    assert len({e["prompt"] for e in cached.examples}) > 1  # prompts of different lengths share batches
+    assert len({e["prediction"] for e in cached.examples}) > 1

@@ -13,7 +13,8 @@ import torch
 from flamingo_fast import Flamingo, FlamingoConfig
 from train.checkpoint import from_jsonable, rng_state, set_rng_state, to_jsonable
 from train.config import OptimSection, TrainConfig, config_path, load_config, parse_overrides, to_toml
-from train.evaluate import caption_exact_match, normalize_answer, vqa_accuracy
+from flamingo_fast.data.sample import Sample, caption_text, vqa_text
+from train.evaluate import score_example
 from train.loss import count_label_tokens, token_loss_sum
 from train.metrics import BatchShape, FlopCounter
 from train.optim import WarmupCosineSchedule, accumulation_steps, build_optimizer, build_schedule, param_groups
@@ -93,6 +94,15 @@ def test_warmup_is_linear_then_cosine_reaches_min_lr():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_schedule_applies_group_lr_scale():
+    model = tiny_model()
+    optimizer = build_optimizer(model, OptimSection(lr=1e-3, gate_lr_multiplier=20.0))
+    s = WarmupCosineSchedule(lr=1e-3, min_lr=1e-6, warmup=0, decay=10)
+    assert s.apply(optimizer) == pytest.approx(1e-3)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs["gates"] == pytest.approx(2e-2) and lrs["decay"] == pytest.approx(1e-3)
+
+
 def test_schedule_state_and_build_schedule():
     cfg = OptimSection(lr=2e-4, min_lr=1e-6, warmup_steps=10_000)
     s = build_schedule(cfg, total_steps=50_000)
@@ -123,14 +133,17 @@ def test_accumulation_from_global_token_batch():
 # -- optimizer groups -----------------------------------------------------------------------------------------
 def test_param_groups_cover_trainable_only_with_the_right_decay():
     model = tiny_model()
-    groups = {g["name"]: g for g in param_groups(model, OptimSection(weight_decay=0.1, resampler_weight_decay=0.0))}
+    groups = {g["name"]: g for g in param_groups(model, OptimSection(weight_decay=0.1, resampler_weight_decay=0.0,
+                                                                     gate_lr_multiplier=10.0))}
     names = {id(p): n for n, p in model.named_parameters()}
     grouped = {names[id(p)]: g["name"] for g in groups.values() for p in g["params"]}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert set(grouped) == trainable
     assert groups["decay"]["weight_decay"] == 0.1
     assert groups["resampler"]["weight_decay"] == 0.0 and groups["no_decay"]["weight_decay"] == 0.0
-    assert grouped["xattn_layers.0.attn_gate"] == "no_decay"
+    assert grouped["xattn_layers.0.attn_gate"] == grouped["xattn_layers.1.ffw_gate"] == "gates"
+    assert groups["gates"]["weight_decay"] == 0.0 and groups["gates"]["lr_scale"] == 10.0
+    assert groups["decay"]["lr_scale"] == 1.0
     assert grouped["xattn_layers.0.attn.norm.bias"] == "no_decay"
     assert grouped["xattn_layers.0.ffw.fc1.weight"] == "decay"
     assert grouped["lm.special_embed.weight"] == "decay"
@@ -230,20 +243,35 @@ def test_flop_counter_charges_trainable_6_frozen_4_vision_2():
 
 
 # -- scoring ----------------------------------------------------------------------------------------------------
-def test_vqa_accuracy_and_caption_exact_match():
-    assert normalize_answer("The Two!") == "2"
-    assert vqa_accuracy("red", ["red"] * 10) == 1.0
-    assert vqa_accuracy("Red.", ["red"] * 10) == 1.0
-    assert vqa_accuracy("blue", ["red"] * 10) == 0.0
+def test_held_out_scoring_is_flamingo_fast_evals():
+    """train.evaluate scores with flamingo_fast.eval's cleaning, exact_match and vqa_accuracy."""
+    text, start = vqa_text("how many?", "two")
+    question = Sample(text, [torch.zeros(3, 4, 4)], "q", "vqa", answers=["2"] * 10, loss_start=start)
+    assert score_example(question, " The Two! Question: what") == {
+        "id": "q", "task": "vqa", "prompt": "<image>Question:how many? Short answer:", "prediction": "The Two!",
+        "kind": "vqa", "score": 1.0, "reference": "2", "correct": True}
     # VQAv2: 2 of 10 annotators agree -> mean over leave-one-out subsets of min(1, matches / 3)
-    two = vqa_accuracy("red", ["red", "red"] + ["blue"] * 8)
-    assert two == pytest.approx((8 * (2 / 3) + 2 * (1 / 3)) / 10)
-    assert caption_exact_match(" a red  circle ", ["a red circle"]) == 1.0
-    assert caption_exact_match("a red circle left", ["a red circle"]) == 0.0
-    with pytest.raises(ValueError, match="at least one"):
-        vqa_accuracy("x", [])
+    question.answers[:] = ["red", "red"] + ["blue"] * 8
+    assert score_example(question, "red")["score"] == pytest.approx((8 * (2 / 3) + 2 * (1 / 3)) / 10)
+    text, start = caption_text("a red circle")
+    caption = Sample(text, [torch.zeros(3, 4, 4)], "c", "caption", references=["a red circle"], loss_start=start)
+    assert score_example(caption, " a red  circle ")["correct"] is True
+    assert score_example(caption, "a red circle left")["score"] == 0.0
+    assert "score" not in score_example(Sample("plain text", [], "t", "interleaved"), "x")
 
 
 def test_default_config_validates():
     TrainConfig().validate()
     assert math.isclose(TrainConfig().optim.beta2, 0.95)
+
+
+def test_region_mask_covers_exactly_the_patches_under_the_shape():
+    from flamingo_fast.data.shapes import Shape
+    from train.pretrain import region_mask
+
+    mask = region_mask(Shape("red", "circle", x=0.25, y=0.5, size=0.25), image_size=32, patch_size=4).view(8, 8)
+    expected = torch.zeros(8, 8)
+    expected[4:6, 2:4] = 1.0  # pixels 8-15 across, 16-23 down: patch columns 2-3, rows 4-5
+    assert torch.equal(mask, expected)
+    edge = region_mask(Shape("red", "star", x=0.7, y=0.0, size=0.3), image_size=32, patch_size=4).view(8, 8)
+    assert edge[0, 7] == 1.0 and edge[:, :5].sum() == 0  # clipped at the border, nothing left of x = 0.7

@@ -44,6 +44,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from flamingo_fast.convert.pretrained import save_pretrained
+from flamingo_fast.data.tokenizer import Tokenizer
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
 TRAINER_FILE = "trainer.json"
@@ -221,17 +224,13 @@ def load_model_weights(model: nn.Module, path: str | Path) -> list[str]:
     raise ValueError(f"init weights {path} must be a trainer checkpoint folder (with .metadata) or a .safetensors file")
 
 
-def export_safetensors(model: nn.Module, path: str | Path) -> None:
-    """Write the full (unsharded) model weights to `path` from rank 0 (all ranks must call it)."""
-    from safetensors.torch import save_file
-
+def export_pretrained(model: nn.Module, tokenizer: Tokenizer, folder: str | Path) -> None:
+    """Write the full (unsharded) weights, config and tokenizer with `flamingo_fast.convert.save_pretrained`
+    from rank 0, so that `flamingo-fast eval/generate --checkpoint folder` load them; all ranks must call it
+    (gathering the weights is a collective)."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dist.is_initialized() or dist.get_rank() == 0:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in full.items()}, str(tmp))
-        os.replace(tmp, path)
+        save_pretrained(model, tokenizer, folder, state_dict=full)
     _barrier()
 
 

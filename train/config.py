@@ -62,6 +62,7 @@ class OptimSection:
     eps: float = 1e-8
     weight_decay: float = 0.1
     resampler_weight_decay: float = 0.0  # the paper uses none on the Perceiver Resampler
+    gate_lr_multiplier: float = 1.0  # lr factor of the xattn tanh gates (train/optim.py; 1 = the paper)
     warmup_steps: int = 10000
     # Cosine decay length in optimizer steps after warm-up ends; 0: until the last step of the run.
     decay_steps: int = 0
@@ -170,6 +171,8 @@ class TrainConfig:
         if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.min_lr > self.optim.lr:
             raise ValueError(f"need 0 <= optim.min_lr <= optim.lr and lr > 0, got lr={self.optim.lr}, "
                              f"min_lr={self.optim.min_lr}")
+        if self.optim.gate_lr_multiplier <= 0:
+            raise ValueError(f"optim.gate_lr_multiplier must be > 0, got {self.optim.gate_lr_multiplier}")
         if self.optim.warmup_steps < 0 or self.optim.decay_steps < 0 or self.checkpoint.every < 0:
             raise ValueError("optim.warmup_steps, optim.decay_steps and checkpoint.every must be >= 0")
         if not isinstance(self.data.sources, list) or not self.data.sources:

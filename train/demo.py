@@ -1,12 +1,14 @@
 """`flamingo-fast demo [--out DIR]`: the whole Flamingo recipe in miniature on the embedded shapes data.
 
 Stages (all on this machine, minutes on a 2-core CPU):
-  1. vision  the demo ViT trains CLIP-style (contrastive) on shapes image/caption pairs   (train/pretrain.py)
+  1. vision  the demo ViT trains CLIP-style (contrastive) on shapes image/caption pairs, plus a region-phrase
+             term (each shape's patches against its name), weighted up: it teaches shape kinds (train/pretrain.py)
   2. lm      the demo LM trains on shapes text (captions and QA, no images)             (train/pretrain.py)
   3. flamingo both are frozen; the real trainer (train/loop.py, train/configs/demo.toml) trains only the
              Perceiver Resampler, the gated xattn-dense layers and the 2 special-token rows, starting from
              the stage 1-2 weights (model.init_from)
-then greedy decoding (KV cache) on the held-out split: caption exact-match, VQA accuracy, samples.
+then greedy decoding on the held-out split, scored by train/evaluate.py with flamingo_fast.eval's metrics
+(`exact_match` for captions, `vqa_accuracy` for questions): caption exact-match, VQA accuracy, samples.
 
 Writes DIR/summary.json (caption_exact_match, vqa_accuracy, wall_seconds, steps, per-stage details),
 DIR/demo.png (loss curves + held-out images with their generated captions), DIR/pretrained.safetensors
@@ -35,15 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="demo", help="trainer config for stage 3 (default: the shipped demo)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores, at most 2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vision-steps", type=int, default=150, help="contrastive steps of stage 1")
+    parser.add_argument("--vision-steps", type=int, default=600, help="contrastive steps of stage 1")
     parser.add_argument("--vision-batch", type=int, default=64)
     parser.add_argument("--vision-lr", type=float, default=2e-3)
-    parser.add_argument("--lm-steps", type=int, default=120, help="text steps of stage 2")
+    parser.add_argument("--vision-region-weight", type=float, default=10.0,
+                        help="weight of stage 1's region-phrase loss against its image-caption loss")
+    parser.add_argument("--lm-steps", type=int, default=150, help="text steps of stage 2")
     parser.add_argument("--lm-batch", type=int, default=64)
     parser.add_argument("--lm-lr", type=float, default=3e-3)
     parser.add_argument("--steps", type=int, default=0, help="stage-3 optimizer steps (default: the config's)")
     parser.add_argument("--eval-samples", type=int, default=200, help="held-out samples per task")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny budgets, no targets)")
+    parser.epilog = "Other arguments --section.key=value override the stage-3 trainer config (train/configs/demo.toml)."
     return parser
 
 
@@ -66,7 +71,10 @@ def _stage3_overrides(args, out: Path, init_from: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, overrides = build_parser().parse_known_args(argv)
+    bad = [a for a in overrides if not a.startswith("--") or "." not in a.split("=", 1)[0]]
+    if bad:
+        build_parser().error(f"unrecognized arguments: {' '.join(bad)} (stage-3 overrides look like --section.key=value)")
     start = time.perf_counter()
 
     import torch
@@ -108,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     texts = ShapesDataset(split="pretrain_text", n=10**7, seed=args.seed, image_size=image_size, task="mixed")
     console.rule("stage 1: vision encoder, contrastive (CLIP-style) on image/caption pairs")
     vision = pretrain_vision_contrastive(model.vision, tokenizer, pairs, transform, args.vision_steps,
-                                         args.vision_batch, args.vision_lr, log=console.print)
+                                         args.vision_batch, args.vision_lr, region_weight=args.vision_region_weight,
+                                         log=console.print)
     console.rule("stage 2: language model on text")
     lm = pretrain_language_model(model.lm, tokenizer, texts.__getitem__, args.lm_steps, args.lm_batch, args.lm_lr,
                                  log=console.print)
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     del model
 
     console.rule("stage 3: Flamingo (vision + LM frozen; resampler, xattn, special tokens train)")
-    cfg = load_config(resolve_config_path(args.config), _stage3_overrides(args, out, pretrained))
+    cfg = load_config(resolve_config_path(args.config), _stage3_overrides(args, out, pretrained) + overrides)
     try:
         trainer = Trainer(cfg, console=console)
         frozen_ok = all(not p.requires_grad for n, p in trainer.model.named_parameters()

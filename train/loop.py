@@ -35,7 +35,7 @@ from torch import nn
 from flamingo_fast.models.config import FlamingoConfig
 from flamingo_fast.models.flamingo import Flamingo
 
-from train.checkpoint import CheckpointManager, export_safetensors, load_model_weights, rng_state, set_rng_state
+from train.checkpoint import CheckpointManager, export_pretrained, load_model_weights, rng_state, set_rng_state
 from train.config import TrainConfig, to_toml
 from train.data import build_tokenizer, build_train_loader, eval_collator, eval_samples, steps_per_epoch
 from train.evaluate import EvalResult, evaluate
@@ -274,7 +274,7 @@ class Trainer:
             self._eval_samples = eval_samples(self.cfg.eval.sources, self.image_size)
         return evaluate(self.model, self._eval_samples, eval_collator(self.tokenizer, self.image_size),
                         batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.eval.max_new_tokens,
-                        device=self.info.device, dtype=self.dtype, use_cache=not self.sharded)
+                        device=self.info.device, use_cache=not self.sharded)
 
     def _record_eval(self, result: EvalResult, epoch: int | None) -> None:
         record = {"step": self.step, **({"epoch": epoch} if epoch is not None else {}), **result.metrics()}
@@ -345,8 +345,8 @@ class Trainer:
             metrics.close()
         if cfg.checkpoint.save_final:
             self.save_checkpoint()
-        if cfg.checkpoint.export_safetensors:
-            export_safetensors(self.model, self.out_dir / "model.safetensors")
+        if cfg.checkpoint.export_safetensors:  # out_dir/model.safetensors + config.json + tokenizer files
+            export_pretrained(self.model, self.tokenizer, self.out_dir)
         last_eval = None
         already_evaluated = self.evals and self.evals[-1]["step"] == self.step
         if cfg.eval.at_end and not already_evaluated:

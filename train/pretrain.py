@@ -127,7 +127,9 @@ class TextTower(nn.Module):
 
 
 class ImageTower(nn.Module):
-    """The ViT's class token (after post_layernorm), projected: CLIP's image embedding."""
+    """CLIP's image side on the Flamingo ViT: the class token after `post_layernorm`, projected (the image
+    embedding), plus region embeddings: the mean of the final patch features (exactly what the Perceiver
+    Resampler receives) over the patches a region covers, projected."""
 
     def __init__(self, vision: VisionTransformer, embed_dim: int):
         super().__init__()
@@ -135,11 +137,32 @@ class ImageTower(nn.Module):
             raise ValueError("contrastive pretraining pools the class token; the ViT needs class_token=True")
         self.vision = vision
         self.proj = nn.Linear(vision.cfg.width, embed_dim, bias=False)
+        self.region_proj = nn.Linear(vision.cfg.width, embed_dim, bias=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, region_masks: torch.Tensor | None = None,
+                region_image: torch.Tensor | None = None):
+        """images (B, C, H, W) -> image embeddings (B, E); with region_masks (R, num_patches) float and
+        region_image (R,) long (which image each region is in), also region embeddings (R, E)."""
         v = self.vision
         x = v.encoder(v.pre_layrnorm(v.embeddings(images)))
-        return self.proj(v.post_layernorm(x[:, 0]))
+        image_emb = self.proj(v.post_layernorm(x[:, 0]))
+        if region_masks is None:
+            return image_emb
+        patches = x[:, 1:] if v.cfg.class_token else x
+        patches = v.post_layernorm(patches) if v.cfg.output_norm else patches
+        pooled = (region_masks[:, :, None] * patches[region_image]).sum(1) / region_masks.sum(1, keepdim=True)
+        return image_emb, self.region_proj(pooled)
+
+
+def region_mask(shape, image_size: int, patch_size: int) -> torch.Tensor:
+    """(num_patches,) 1.0 on the patches the shape's bounding box overlaps (row-major, like the ViT)."""
+    grid = image_size // patch_size
+    x0, y0 = int(shape.x * grid), int(shape.y * grid)
+    x1 = min(grid - 1, int((shape.x + shape.size) * grid - 1e-6))
+    y1 = min(grid - 1, int((shape.y + shape.size) * grid - 1e-6))
+    mask = torch.zeros(grid, grid)
+    mask[y0:y1 + 1, x0:x1 + 1] = 1.0
+    return mask.flatten()
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
@@ -161,9 +184,9 @@ def _redraw(rng: random.Random, shapes, field_name: str, choices) -> list:
 
 
 def hard_negative_pairs(seed: int, image_size: int, group: int = 4) -> Callable[[int], tuple]:
-    """`pairs(i)` -> (PIL image, caption) of the i-th pair: groups of `group` scenes, a random scene then
-    variants with redrawn kinds (twice as often) or colours, in the same places; a pure function of
-    (seed, i) like the shapes dataset."""
+    """`pairs(i)` -> (PIL image, caption, shapes) of the i-th pair: groups of `group` scenes, a random
+    scene then variants with redrawn kinds (twice as often) or colours, in the same places; a pure
+    function of (seed, i) like the shapes dataset."""
 
     def pairs(index: int):
         base, offset = divmod(index, group)
@@ -174,7 +197,7 @@ def hard_negative_pairs(seed: int, image_size: int, group: int = 4) -> Callable[
             variants.append(_redraw(rng, shapes, "colour" if k % 3 == 0 else "kind",
                                     list(COLOURS) if k % 3 == 0 else list(KINDS)))
         scene = variants[offset]
-        return render_scene(scene, image_size), scene_caption(scene)
+        return render_scene(scene, image_size), scene_caption(scene), scene
 
     return pairs
 
@@ -182,26 +205,46 @@ def hard_negative_pairs(seed: int, image_size: int, group: int = 4) -> Callable[
 def pretrain_vision_contrastive(vision: VisionTransformer, tokenizer: Tokenizer, pairs: Callable[[int], tuple],
                                 transform: ImageTransform, steps: int, batch_size: int, lr: float,
                                 warmup: int = 20, text_width: int = 128, text_layers: int = 2, embed_dim: int = 128,
-                                log: Callable[[str], None] | None = None, log_every: int = 50) -> StageResult:
-    """CLIP-style training of `vision` on image/caption pairs (`pairs(i)` -> (PIL image, caption), e.g.
-    `hard_negative_pairs`); the text tower and projections are discarded afterwards."""
+                                region_weight: float = 1.0, log: Callable[[str], None] | None = None,
+                                log_every: int = 50) -> StageResult:
+    """CLIP-style training of `vision` on image/caption pairs (`pairs(i)` -> (PIL image, caption, shapes),
+    e.g. `hard_negative_pairs`): the image-caption loss plus, weighted by `region_weight`, a region-phrase
+    loss (each shape's patches against the text of its name, "red circle", as in RegionCLIP), which trains
+    the patch features the resampler reads. The text tower and projections are discarded afterwards."""
+    cfg = vision.cfg
     image_tower = ImageTower(vision, embed_dim)
     text_tower = TextTower(tokenizer.vocab_size, text_width, text_layers, max(1, text_width // 32), embed_dim)
     logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), CLIP's initial temperature
+    region_scale = nn.Parameter(torch.tensor(2.659))
     for p in vision.parameters():
         p.requires_grad_(True)
-    params = [p for module in (image_tower, text_tower) for p in module.parameters()] + [logit_scale]
+    params = [p for module in (image_tower, text_tower) for p in module.parameters()] + [logit_scale, region_scale]
     optimizer = _adamw(params, lr, weight_decay=0.05)
     schedule = WarmupCosineSchedule(lr=lr, min_lr=lr * 0.05, warmup=min(warmup, steps), decay=max(steps - warmup - 1, 0))
     result = StageResult("vision", steps, 0.0)
     start = time.perf_counter()
+    region_accuracy = float("nan")
     for step in range(steps):
         batch = [pairs(step * batch_size + i) for i in range(batch_size)]
-        captions = [caption for _, caption in batch]
-        images = torch.cat([transform(image) for image, _ in batch])  # (B, C, H, W): one frame each
+        captions = [caption for _, caption, _ in batch]
+        images = torch.cat([transform(image) for image, _, _ in batch])  # (B, C, H, W): one frame each
+        regions = [(b, shape) for b, (_, _, shapes) in enumerate(batch) for shape in shapes]
+        masks = torch.stack([region_mask(shape, cfg.image_size, cfg.patch_size) for _, shape in regions])
+        owner = torch.tensor([b for b, _ in regions])
+        image_emb, region_emb = image_tower(images, masks, owner)
+
         ids, lengths = _pad([tokenizer.encode(c) + [tokenizer.eos_id] for c in captions], tokenizer.pad_id)
         same = torch.tensor([[a == b for b in captions] for a in captions])
-        loss = contrastive_loss(image_tower(images), text_tower(ids, lengths), logit_scale, same)
+        loss = contrastive_loss(image_emb, text_tower(ids, lengths), logit_scale, same)
+        if region_weight > 0:
+            names = sorted({shape.name for _, shape in regions})
+            name_ids, name_lengths = _pad([tokenizer.encode(n) + [tokenizer.eos_id] for n in names], tokenizer.pad_id)
+            name_emb = text_tower(name_ids, name_lengths)  # (N, E): every distinct phrase once
+            target = torch.tensor([names.index(shape.name) for _, shape in regions])
+            logits = region_scale.exp().clamp(max=100.0) * F.normalize(region_emb, dim=-1) @ \
+                F.normalize(name_emb, dim=-1).t()
+            loss = loss + region_weight * F.cross_entropy(logits, target)
+            region_accuracy = (logits.argmax(dim=-1) == target).float().mean().item()
         schedule.apply(optimizer)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -210,6 +253,7 @@ def pretrain_vision_contrastive(vision: VisionTransformer, tokenizer: Tokenizer,
         schedule.advance()
         result.losses.append(loss.item())
         if log and (step % log_every == 0 or step == steps - 1):
-            log(f"vision pretraining step {step + 1}/{steps}  contrastive loss {loss.item():.4f}")
+            log(f"vision pretraining step {step + 1}/{steps}  contrastive loss {loss.item():.4f}  "
+                f"region-phrase accuracy {region_accuracy:.3f}")
     result.seconds = time.perf_counter() - start
     return result

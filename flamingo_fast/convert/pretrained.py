@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -35,15 +35,19 @@ from flamingo_fast.models.flamingo import Flamingo
 CONFIG_FILE = "config.json"
 
 
-def save_pretrained(model: Flamingo, tokenizer: Tokenizer, folder: str | os.PathLike) -> Path:
-    """Write config.json, model.safetensors and the tokenizer files into `folder` (created if needed)."""
+def save_pretrained(model: Flamingo, tokenizer: Tokenizer, folder: str | os.PathLike,
+                    state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
+    """Write config.json, model.safetensors and the tokenizer files into `folder` (created if needed).
+    state_dict: the weights to write instead of model.state_dict(), e.g. a sharded model's gathered full
+    state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict)."""
     from safetensors.torch import save_file
 
     check_tokenizer(model.cfg, tokenizer, "save_pretrained")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_FILE).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    weights = model.state_dict() if state_dict is None else state_dict
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}
     tmp = folder / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt", "producer": "flamingo_fast"})
     os.replace(tmp, folder / "model.safetensors")

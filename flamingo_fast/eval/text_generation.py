@@ -54,27 +54,37 @@ def stack_images(images: Sequence[Sequence[Any]], transform: ImageTransform) -> 
     return out
 
 
-@torch.no_grad()
-def generate_text(model: Flamingo, tokenizer: Tokenizer, prompts: Sequence[str], images: Sequence[Sequence[Any]],
-                  transform: Optional[ImageTransform] = None, **generate_kwargs: Any) -> list[str]:
-    """Continuation text of each prompt (see flamingo_fast.models.generate.generate for generate_kwargs).
-    `images[i]` holds prompt i's images, one per `<image>` marker, in order."""
+def prompt_batch(tokenizer: Tokenizer, prompts: Sequence[str], images: Sequence[Sequence[Any]],
+                 transform: ImageTransform) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(input_ids, attention_mask, images or None) of prompts with their images, checked: `images[i]`
+    holds prompt i's images, one per `<image>` marker, in order."""
     if len(images) != len(prompts):
         raise ValueError(f"images must hold one list per prompt: {len(prompts)} prompts, {len(images)} image lists")
     for i, (text, row) in enumerate(zip(prompts, images)):
         if text.count(IMAGE_TOKEN) != len(row):
             raise ValueError(f"prompt {i} has {text.count(IMAGE_TOKEN)} {IMAGE_TOKEN} markers but {len(row)} images")
-    transform = transform or ImageTransform(model.cfg.vision.image_size)
     ids, mask = encode_prompts(tokenizer, prompts)
-    pixels = stack_images(images, transform)
+    return ids, mask, stack_images(images, transform)
+
+
+def never_generated(tokenizer: Tokenizer, stop_ids: Sequence[int]) -> list[int]:
+    """Padding and bos mean nothing inside generated text (and decode to ""): never generate them, unless
+    one doubles as a stop token (Llama tokenizers without a pad token pad with eos)."""
+    return sorted({tokenizer.pad_id, tokenizer.bos_id} - set(stop_ids))
+
+
+@torch.no_grad()
+def generate_text(model: Flamingo, tokenizer: Tokenizer, prompts: Sequence[str], images: Sequence[Sequence[Any]],
+                  transform: Optional[ImageTransform] = None, **generate_kwargs: Any) -> list[str]:
+    """Continuation text of each prompt (see flamingo_fast.models.generate.generate for generate_kwargs).
+    `images[i]` holds prompt i's images, one per `<image>` marker, in order."""
+    transform = transform or ImageTransform(model.cfg.vision.image_size)
+    ids, mask, pixels = prompt_batch(tokenizer, prompts, images, transform)
     device = model.lm.embed_tokens.weight.device
     if pixels is not None:
         pixels = pixels.to(device=device, dtype=model.vision.embeddings.patch_embedding.weight.dtype)
     generate_kwargs.setdefault("eos_token_ids", [tokenizer.eoc_token_id, tokenizer.eos_id])
     generate_kwargs.setdefault("pad_token_id", tokenizer.pad_id)
-    # Padding and bos mean nothing inside generated text (and decode to ""): never generate them, unless one
-    # doubles as a stop token (Llama tokenizers without a pad token pad with eos).
-    stops = set(generate_kwargs["eos_token_ids"])
-    generate_kwargs.setdefault("suppress_token_ids", sorted({tokenizer.pad_id, tokenizer.bos_id} - stops))
+    generate_kwargs.setdefault("suppress_token_ids", never_generated(tokenizer, generate_kwargs["eos_token_ids"]))
     out = generate(model, ids.to(device), pixels, attention_mask=mask.to(device), **generate_kwargs)
     return [tokenizer.decode(tokens).strip() for tokens in out.tokens]

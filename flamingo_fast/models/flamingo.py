@@ -34,8 +34,9 @@ Generation: `encode_images(images)` -> latents, `forward(..., latents=latents)` 
 `new_cache(batch, max_length)` -> FlamingoCache. Pass the images (or latents) with the prompt on the first
 cached call: each xattn layer's keys/values are computed once and kept in `cache.media_kv` ({layer name:
 (k, v)}), the LM's keys/values in `cache.lm` (KVCache), and `cache.media_count` continues media_index, so
-later calls pass only the new token ids. The LM's self-attention has no padding mask: batch rows must be
-aligned (same prompt length) for cached decoding.
+later calls pass only the new token ids. Left-padded rows (prompts of different lengths) pass
+`key_padding_mask` (B, cached + S), True at padding, to the LM (lm.py); media cross-attention needs nothing
+more, since a padding token is no `<image>` and so never moves a row's media_index.
 
 Input checks: shapes, dtypes and devices are checked on every call; checks that read tensor values (token
 ids in range, `<image>` count vs T_img, media_index range) run in eager mode only, so that
@@ -53,7 +54,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from flamingo_fast.models.config import FlamingoConfig
-from flamingo_fast.models.lm import KVCache, LanguageModel
+from flamingo_fast.models.lm import BeforeBlock, KVCache, LanguageModel
 from flamingo_fast.models.perceiver import PerceiverResampler
 from flamingo_fast.models.vision import VisionTransformer
 from flamingo_fast.models.xattn import GatedXAttnDense
@@ -183,10 +184,13 @@ class Flamingo(nn.Module):
         *,
         latents: Optional[torch.Tensor] = None,
         cache: Optional[FlamingoCache] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
     ) -> FlamingoOutput:
         """input_ids (B, S) long; images (B, T_img, F, C, H, W) or None; or precomputed `latents`
         (B, T_img, n_latents, Dm) from `encode_images`. With a `cache`, media given on the first call are
-        kept (as per-layer keys/values) for the following calls, and media_index continues across calls."""
+        kept (as per-layer keys/values) for the following calls, and media_index continues across calls.
+        key_padding_mask / positions: left-padded rows, passed to the LM (module docstring)."""
         self._check_ids(input_ids)
         b = input_ids.shape[0]
         if images is not None and latents is not None:
@@ -232,22 +236,25 @@ class Flamingo(nn.Module):
             cache.media_count = start + (input_ids == self.cfg.image_token_id).sum(dim=1)
             media_kv = cache.media_kv
 
-        have_media = latents is not None or media_kv is not None
+        logits = self.lm(input_ids, cache=None if cache is None else cache.lm,
+                         before_block=self.xattn_before_block(media_index, latents, media_kv),
+                         key_padding_mask=key_padding_mask, positions=positions)
+        loss = None if labels is None else self.loss(logits, labels)
+        return FlamingoOutput(logits=logits, loss=loss)
+
+    def xattn_before_block(self, media_index: torch.Tensor, latents: Optional[torch.Tensor] = None,
+                           media_kv: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> BeforeBlock:
+        """The LM's `before_block` hook: xattn layer i on these media right before LM block i. Cached
+        `media_kv` wins over `latents`; with neither (no images) only the layers' gated FFW acts."""
 
         def before_block(i: int, x: torch.Tensor) -> torch.Tensor:
             name = str(i)
             if name not in self.xattn_layers:
                 return x
-            layer = self.xattn_layers[name]
-            if not have_media:
-                return layer(x, media_index)
-            if media_kv is not None:
-                return layer(x, media_index, media_kv=media_kv[name])
-            return layer(x, media_index, latents=latents)
+            kv = None if media_kv is None else media_kv[name]
+            return self.xattn_layers[name](x, media_index, latents=latents, media_kv=kv)
 
-        logits = self.lm(input_ids, cache=None if cache is None else cache.lm, before_block=before_block)
-        loss = None if labels is None else self.loss(logits, labels)
-        return FlamingoOutput(logits=logits, loss=loss)
+        return before_block
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy; labels aligned with input_ids (see the module docstring)."""

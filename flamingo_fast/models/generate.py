@@ -9,7 +9,7 @@ What is computed once and what every step:
   cross-attention layer's keys/values of those latents are computed once (`Flamingo.media_kv`) and
   reused at every step. OpenFlamingo keeps the latents but recomputes every layer's K/V projection of
   all T_img x 64 latents at every step; `media_cache="latents"` reproduces that and `"none"` re-encodes
-  the images too, for `benchmark_media_cache`.
+  the images too, for the benchmark (`python -m bench --ops generate`, bench/generation.py).
 * the LM keeps a KV cache; each step runs one token per row.
 
 Batches of prompts of different lengths are left-padded (`attention_mask` 0 on the left). Padded keys
@@ -23,25 +23,19 @@ continuations of each prompt among the top 2 * num_beams candidates; a candidate
 length_penalty (length = new tokens including the stop token); a prompt is done when it has num_beams
 hypotheses and no running beam can beat the worst of them (exact for length_penalty <= 0).
 
-Why this file runs the decoder layers itself: the LM's forward has no key-padding mask or per-row
-positions (training right-pads, where causal masking suffices). `_Decoder.step` uses the LM's own
-modules (norms, projections, RoPE, MLP, the xattn layers) and only replaces the self-attention call:
-`flamingo_fast.ops.attention` when no row is padded, SDPA with an explicit mask otherwise. A test checks
-it against `Flamingo.forward`.
+`_Decoder.step` runs the LM's `hidden_states` with the KV cache, the `key_padding_mask` of the left
+padding (only when some row is padded: otherwise the fused causal path) and Flamingo's xattn hook on the
+cached media; a test checks it against `Flamingo.forward`.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from flamingo_fast.models.flamingo import Flamingo
-from flamingo_fast.models.lm import apply_rope, rope_cos_sin
-from flamingo_fast.ops import attention
 
 MEDIA_CACHE_MODES = ("kv", "latents", "none")
 
@@ -69,9 +63,8 @@ class _Decoder:
         self.model, self.lm = model, model.lm
         weight = self.lm.embed_tokens.weight
         self.cache = self.lm.new_cache(rows, max_length, dtype=weight.dtype, device=weight.device)
-        self.key_valid = torch.zeros(rows, max_length, dtype=torch.bool, device=weight.device)
-        self.padded = padded
-        self.next_position = torch.zeros(rows, dtype=torch.long, device=weight.device)
+        # Padding keys so far (True = padding); None when no row is padded: the LM's fast causal path.
+        self.key_padding = torch.zeros(rows, max_length, dtype=torch.bool, device=weight.device) if padded else None
         self.media_count = torch.zeros(rows, dtype=torch.long, device=weight.device)
         self.media_cache, self.images, self.latents = media_cache, images, latents
         self.media_kv = model.media_kv(latents) if (latents is not None and media_cache == "kv") else None
@@ -86,65 +79,25 @@ class _Decoder:
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep rows `rows` (beam search); the media is shared within a prompt's beams, so it stays."""
-        for layer in range(len(self.cache.keys)):
-            self.cache.keys[layer] = self.cache.keys[layer].index_select(0, rows)
-            self.cache.values[layer] = self.cache.values[layer].index_select(0, rows)
-        for name in ("key_valid", "next_position", "media_count"):
-            setattr(self, name, getattr(self, name).index_select(0, rows))
+        self.cache.reorder(rows)
+        self.media_count = self.media_count.index_select(0, rows)
+        if self.key_padding is not None:
+            self.key_padding = self.key_padding.index_select(0, rows)
 
     def step(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """ids (rows, S) with valid (rows, S) bool (False = left padding) -> last-position logits (rows, V)."""
-        model, lm, cfg = self.model, self.lm, self.lm.cfg
-        rows, s = ids.shape
-        start = self.cache.length
-        end = start + s
+        start, end = self.cache.length, self.cache.length + ids.shape[1]
         if end > self.cache.max_length:
             raise ValueError(f"decoding needs {end} positions, the cache holds {self.cache.max_length}")
-        self.key_valid[:, start:end] = valid
-        positions = self.next_position[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)
-        self.next_position = self.next_position + valid.long().sum(1)
-        is_image = ids == model.cfg.image_token_id
-        media_index = self.media_count[:, None] + is_image.long().cumsum(1) - 1
-        self.media_count = self.media_count + is_image.long().sum(1)
-
-        x = lm.embed(ids)
-        cos, sin = rope_cos_sin(positions.reshape(-1), cfg.head_dim, cfg.rope_theta, x.dtype)
-        cos, sin = cos.view(rows, s, 1, -1), sin.view(rows, s, 1, -1)
-        mask = None
-        if self.padded:
-            # Query i (cache slot start + i) sees valid slots <= its own; itself always, so that a padding
-            # query has one key and never produces NaN (which would leak through 0-weighted values).
-            slot = torch.arange(end, device=ids.device)
-            query_slot = torch.arange(start, end, device=ids.device)[:, None]
-            mask = (slot[None, :] <= query_slot) & self.key_valid[:, None, :end]
-            mask = (mask | (slot[None, :] == query_slot))[:, None]  # (rows, 1, S, end)
-        latents, media_kv = self._media_for_step()
-
-        for i, layer in enumerate(lm.layers):
-            name = str(i)
-            if name in model.xattn_layers:
-                xattn = model.xattn_layers[name]
-                if media_kv is not None:
-                    x = xattn(x, media_index, media_kv=media_kv[name])
-                else:
-                    x = xattn(x, media_index, latents=latents)
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = apply_rope(attn.q_proj(h).view(rows, s, attn.heads, attn.head_dim), cos, sin)
-            k = apply_rope(attn.k_proj(h).view(rows, s, attn.kv_heads, attn.head_dim), cos, sin)
-            v = attn.v_proj(h).view(rows, s, attn.kv_heads, attn.head_dim)
-            k, v = self.cache.update(i, k, v)
-            if mask is None:
-                out = attention(q, k, v, causal=True)
-            else:
-                out = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                    enable_gqa=attn.heads != attn.kv_heads,
-                ).transpose(1, 2)
-            x = x + attn.o_proj(out.reshape(rows, s, attn.heads * attn.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        self.cache.advance(s)
-        return lm.logits(lm.norm(x[:, -1]))
+        key_padding_mask = None
+        if self.key_padding is not None:
+            self.key_padding[:, start:end] = ~valid
+            key_padding_mask = self.key_padding[:, :end]
+        media_index = self.model.compute_media_index(ids, self.media_count)
+        self.media_count = self.media_count + (ids == self.model.cfg.image_token_id).sum(1)
+        xattn = self.model.xattn_before_block(media_index, *self._media_for_step())
+        h = self.lm.hidden_states(self.lm.embed(ids), self.cache, xattn, key_padding_mask)
+        return self.lm.logits(h[:, -1])
 
 
 # -- logits processing -----------------------------------------------------------------------------------------
@@ -378,40 +331,3 @@ def _beam_search(model, input_ids, valid, padded, images, latents, media_cache, 
         finished.append(ended)
         scores.append(score)
     return GenerationOutput(tokens=tokens, finished=finished, scores=scores)
-
-
-# -- benchmark -------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def benchmark_media_cache(model: Flamingo, batch_size: int = 1, num_images: int = 4, prompt_tokens: int = 64,
-                          new_tokens: int = 32, repeats: int = 3, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Decoding speed (new tokens per second, best of `repeats`) of greedy generation with
-    media_cache "kv" (ours: K/V of the latents computed once), "latents" (OpenFlamingo: latents kept,
-    each layer's K/V recomputed every step) and "none" (images re-encoded every step), on a prompt with
-    `num_images` images (few-shot). Stopping is disabled so that every run makes `new_tokens` tokens."""
-    cfg = model.cfg
-    device = model.lm.embed_tokens.weight.device
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.lm.vocab_size, (batch_size, prompt_tokens), generator=g)
-    positions = torch.linspace(0, prompt_tokens - 8, num_images).long()
-    ids[:, positions] = cfg.image_token_id
-    size = cfg.vision.image_size
-    images = torch.randn(batch_size, num_images, 1, cfg.vision.channels, size, size, generator=g)
-    ids, images = ids.to(device), images.to(device)
-    results = {}
-    reference = None
-    for mode in MEDIA_CACHE_MODES:
-        best = float("inf")
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            out = generate(model, ids, images, max_new_tokens=new_tokens, eos_token_ids=[], media_cache=mode)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - begin)
-        if reference is None:
-            reference = out.tokens
-        elif out.tokens != reference:
-            raise RuntimeError(f"media_cache={mode!r} generated different tokens than 'kv'")
-        results[mode] = {"seconds": best, "tokens_per_s": batch_size * new_tokens / best}
-    for mode in MEDIA_CACHE_MODES:
-        results[mode]["speedup_of_kv"] = results[mode]["seconds"] / results["kv"]["seconds"]
-    return results

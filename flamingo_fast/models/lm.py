@@ -20,6 +20,12 @@ RoPE uses the Hugging Face `rotate_half` convention (the layout of HF Llama q/k 
 goes through `flamingo_fast.ops.attention(causal=True)`; with a `KVCache`, new queries attend to all
 cached keys (bottom-right aligned causal mask). `before_block(i, x) -> x` runs before block i: Flamingo
 inserts its gated cross-attention layers there.
+
+Left-padded batches (generation with prompts of different lengths): `key_padding_mask` (B, K) marks the
+padding keys (True, as in torch.nn.MultiheadAttention), K = cached length + new tokens, and every row's
+RoPE positions start at 0 at its first real token (or pass `positions`), so a row's result is the same as
+running it alone. Self-attention then runs SDPA with an explicit mask; without a mask (training
+right-pads, where causal masking suffices) it keeps the `ops.attention` path.
 """
 
 from __future__ import annotations
@@ -53,14 +59,16 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """positions (S,) -> cos, sin (1, S, 1, head_dim) for BSHD tensors.
+    """positions (S,) or per row (B, S) -> cos, sin (1 or B, S, 1, head_dim) for BSHD tensors.
 
     Computed on the fly rather than stored as buffers: no buffer to re-initialise after building on the
     meta device, and torch.compile folds it into the graph."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype)[None, :, None, :], emb.sin().to(dtype)[None, :, None, :]
+    if emb.dim() == 2:
+        emb = emb[None]
+    return emb.cos().to(dtype)[:, :, None, :], emb.sin().to(dtype)[:, :, None, :]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +77,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
+    # Keep x's dtype: under autocast cos/sin may be fp32 while the projections are bf16, and the attention
+    # op (not an autocast op) needs q, k and v in one dtype.
+    return (x * cos + _rotate_half(x) * sin).to(x.dtype)
 
 
 class KVCache:
@@ -97,6 +107,29 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep batch rows `rows` (B',) in that order, e.g. the surviving beams of beam search."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.batch_size = rows.shape[0]
+
+
+def padding_attention_mask(key_padding_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """key_padding_mask (B, K) bool, True = padding -> (B, 1, S, K) bool, True = may attend, for the
+    S = num_queries newest positions: causal, no padding keys, and each query always sees itself, so that
+    a padding query never has an empty row (its NaN would leak through 0-weighted values)."""
+    k = key_padding_mask.shape[1]
+    key = torch.arange(k, device=key_padding_mask.device)
+    query = torch.arange(k - num_queries, k, device=key_padding_mask.device)[:, None]
+    mask = (key <= query) & ~key_padding_mask[:, None, :]
+    return (mask | (key == query))[:, None]
+
+
+def padded_positions(key_padding_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """(B, S) RoPE positions of the S newest tokens: each row counts only its real tokens, from 0."""
+    count = (~key_padding_mask).long().cumsum(1)[:, -num_queries:]
+    return (count - 1).clamp(min=0)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: LMConfig, layer_idx: int):
@@ -108,14 +141,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, cache: Optional[KVCache] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mask: None (causal) or (B, 1, S, K) bool from `padding_attention_mask`."""
         b, s, _ = x.shape
         q = apply_rope(self.q_proj(x).view(b, s, self.heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, s, self.kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attention(q, k, v, causal=True)
+        if mask is None:
+            out = attention(q, k, v, causal=True)
+        else:  # the ops take no arbitrary mask; padded batches are an inference-only case
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask, enable_gqa=self.heads != self.kv_heads).transpose(1, 2)
         return self.o_proj(out.reshape(b, s, self.heads * self.head_dim))
 
 
@@ -138,8 +177,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache] = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache: Optional[KVCache] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -185,18 +225,38 @@ class LanguageModel(nn.Module):
         x: torch.Tensor,
         cache: Optional[KVCache] = None,
         before_block: Optional[BeforeBlock] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Embeddings (B, S, D) -> final-normed hidden states (B, S, D)."""
+        """Embeddings (B, S, D) -> final-normed hidden states (B, S, D). key_padding_mask (B, cached + S)
+        and positions (S,) or (B, S): see the module docstring."""
+        b, s = x.shape[:2]
         start = 0 if cache is None else cache.length
-        positions = torch.arange(start, start + x.shape[1], device=x.device)
+        self._check_padding(b, s, start + s, key_padding_mask, positions, x.device)
+        if positions is None:
+            positions = (torch.arange(start, start + s, device=x.device) if key_padding_mask is None
+                         else padded_positions(key_padding_mask, s))
+        mask = None if key_padding_mask is None else padding_attention_mask(key_padding_mask, s)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
             if before_block is not None:
                 x = before_block(i, x)
-            x = layer(x, cos, sin, cache)
+            x = layer(x, cos, sin, cache, mask)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.norm(x)
+
+    @staticmethod
+    def _check_padding(b: int, s: int, keys: int, key_padding_mask, positions, device) -> None:
+        if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (b, keys)
+                                             or key_padding_mask.device != device):
+            raise ValueError(f"key_padding_mask must be a bool ({b}, {keys}) tensor (cached + new positions) on "
+                             f"{device}, got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)} on "
+                             f"{key_padding_mask.device}")
+        if positions is not None and (positions.is_floating_point() or positions.shape not in ((s,), (b, s))
+                                      or positions.device != device):
+            raise ValueError(f"positions must be an integer ({s},) or ({b}, {s}) tensor on {device}, got "
+                             f"{positions.dtype} {tuple(positions.shape)} on {positions.device}")
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.lm_head(h), self.special_head(h)], dim=-1)
@@ -207,8 +267,11 @@ class LanguageModel(nn.Module):
         inputs_embeds: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         before_block: Optional[BeforeBlock] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """input_ids (B, S) long or inputs_embeds (B, S, D) -> logits (B, S, V + 2)."""
+        """input_ids (B, S) long or inputs_embeds (B, S, D) -> logits (B, S, V + 2); key_padding_mask and
+        positions for left-padded rows (module docstring)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, S) and inputs_embeds (B, S, D)")
         if input_ids is not None:
@@ -222,4 +285,4 @@ class LanguageModel(nn.Module):
             raise ValueError(f"inputs_embeds must be (B, S, {self.cfg.dim}), got shape {tuple(inputs_embeds.shape)}")
         if cache is not None and cache.batch_size != inputs_embeds.shape[0]:
             raise ValueError(f"cache was made for batch size {cache.batch_size}, got a batch of {inputs_embeds.shape[0]}")
-        return self.logits(self.hidden_states(inputs_embeds, cache, before_block))
+        return self.logits(self.hidden_states(inputs_embeds, cache, before_block, key_padding_mask, positions))

@@ -5,6 +5,8 @@ one-to-one:
 
     embeddings.class_embedding            (D,)
     embeddings.patch_embedding.weight     (D, C, p, p)      conv, no bias
+    (with VisionConfig.stem_channels, not in CLIP: embeddings.stem.{0,2,..} 3x3 stride-2 convs and a 1x1
+    patch_embedding (D, C_stem, 1, 1))
     embeddings.position_embedding.weight  (n_patches + 1, D)
     pre_layrnorm.{weight,bias}            (CLIP's spelling)
     encoder.layers.i.layer_norm1 / self_attn.{q,k,v,out}_proj / layer_norm2 / mlp.{fc1,fc2}
@@ -35,7 +37,17 @@ class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embedding = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        if cfg.stem_channels:  # 3x3 stride-2 convs, then a 1x1 projection (VisionConfig.stem_channels)
+            layers, c_in = [], cfg.channels
+            for c_out in cfg.stem_channels:
+                layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
+                c_in = c_out
+            self.stem = nn.Sequential(*layers)
+            self.patch_embedding = nn.Conv2d(c_in, cfg.width, 1, bias=False)
+        else:
+            self.stem = None
+            self.patch_embedding = nn.Conv2d(cfg.channels, cfg.width, cfg.patch_size, stride=cfg.patch_size,
+                                             bias=False)
         if cfg.class_token:
             self.class_embedding = nn.Parameter(torch.empty(cfg.width))
         self.position_embedding = nn.Embedding(cfg.num_patches + int(cfg.class_token), cfg.width)
@@ -46,10 +58,16 @@ class VisionEmbeddings(nn.Module):
         if self.cfg.class_token:
             nn.init.normal_(self.class_embedding, std=std)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
-        nn.init.normal_(self.patch_embedding.weight, std=0.02)
+        if self.stem is None:
+            nn.init.normal_(self.patch_embedding.weight, std=0.02)
+        else:  # behind GELU convs: PyTorch's fan-in init, like the stem's own convs
+            self.patch_embedding.reset_parameters()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embedding(images.to(self.patch_embedding.weight.dtype))  # (N, D, h, w)
+        x = images.to(self.patch_embedding.weight.dtype)
+        if self.stem is not None:
+            x = self.stem(x)
+        x = self.patch_embedding(x)  # (N, D, h, w)
         x = x.flatten(2).transpose(1, 2)  # (N, h*w, D), row-major patches like CLIP
         if self.cfg.class_token:
             cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
