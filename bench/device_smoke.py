@@ -14,14 +14,11 @@ import time
 
 import torch
 
+from bench.harness import compare
 from flamingo_fast import ops
 
 KINDS = ("causal", "full", "media", "perceiver", "perceiver_kv_input")
 TOLERANCE = 2e-2  # bf16
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item()
 
 
 def _attention_call(kind: str, generator: torch.Generator):
@@ -87,13 +84,13 @@ def main(kind: str) -> int:
     out = run(*inputs, "cuda")
     torch.cuda.synchronize()
     fwd_s = time.perf_counter() - start
-    fwd_err = _rel_err(out, ref)
+    fwd_err = compare((out,), (ref,))[1]
     print(f"{kind} fwd: rel_err {fwd_err:.2e} ({fwd_s * 1e3:.1f} ms incl. first launch)", flush=True)
     start = time.perf_counter()
     grads = torch.autograd.grad(out, inputs, dout)
     torch.cuda.synchronize()
     bwd_s = time.perf_counter() - start
-    bwd_err = max(_rel_err(g, r) for g, r in zip(grads, ref_grads))
+    bwd_err = compare(grads, ref_grads)[1]
     print(f"{kind} bwd: rel_err {bwd_err:.2e} ({bwd_s * 1e3:.1f} ms incl. first launch)", flush=True)
     ok = fwd_err <= TOLERANCE and bwd_err <= TOLERANCE
     print(f"{kind}: {'ok' if ok else 'FAILED'}")

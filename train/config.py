@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flamingo_fast.models.config import TRAINABLE_MODES
+
 DTYPES = ("float32", "bfloat16", "float16")
 AC_MODES = ("none", "selective", "full")
-TRAINABLE = ("flamingo", "all", "lm", "vision")
 
 
 @dataclass
@@ -134,8 +135,8 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
     def validate(self) -> None:
-        if self.model.trainable not in TRAINABLE:
-            raise ValueError(f"model.trainable must be one of {TRAINABLE}, got {self.model.trainable!r}")
+        if self.model.trainable not in TRAINABLE_MODES:
+            raise ValueError(f"model.trainable must be one of {TRAINABLE_MODES}, got {self.model.trainable!r}")
         if self.model.init_device not in ("", "cpu", "cuda", "meta"):
             raise ValueError(f"model.init_device must be '', 'cpu', 'cuda' or 'meta', got {self.model.init_device!r}")
         for name in ("param_dtype", "reduce_dtype"):

@@ -21,6 +21,8 @@ Flamingo stage that follows is the real trainer (train.loop).
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -28,9 +30,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import dataclasses
-import random
 
 from flamingo_fast.data.sample import IMAGE_TOKEN, Sample
 from flamingo_fast.data.shapes import COLOURS, KINDS, random_scene, render_scene, scene_caption
@@ -65,6 +64,16 @@ def _adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
+def _optimizer_step(optimizer, schedule: WarmupCosineSchedule, params, loss: torch.Tensor) -> None:
+    """Backward, clip at 1.0, AdamW step at the schedule's lr, then advance the schedule."""
+    schedule.apply(optimizer)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    schedule.advance()
+
+
 # -- language model --------------------------------------------------------------------------------------------
 def lm_text(sample: Sample) -> str:
     """The sample's text with its image markers removed (what a text-only corpus would hold)."""
@@ -89,12 +98,7 @@ def pretrain_language_model(lm: nn.Module, tokenizer: Tokenizer, samples: Callab
         targets = ids[:, 1:].masked_fill(torch.arange(1, ids.shape[1])[None, :] >= lengths[:, None], -100)
         logits = lm(ids)[:, :-1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        schedule.apply(optimizer)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.advance()
+        _optimizer_step(optimizer, schedule, params, loss)
         result.losses.append(loss.item())
         if log and (step % log_every == 0 or step == steps - 1):
             log(f"lm pretraining step {step + 1}/{steps}  loss {loss.item():.4f}")
@@ -245,12 +249,7 @@ def pretrain_vision_contrastive(vision: VisionTransformer, tokenizer: Tokenizer,
                 F.normalize(name_emb, dim=-1).t()
             loss = loss + region_weight * F.cross_entropy(logits, target)
             region_accuracy = (logits.argmax(dim=-1) == target).float().mean().item()
-        schedule.apply(optimizer)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.advance()
+        _optimizer_step(optimizer, schedule, params, loss)
         result.losses.append(loss.item())
         if log and (step % log_every == 0 or step == steps - 1):
             log(f"vision pretraining step {step + 1}/{steps}  contrastive loss {loss.item():.4f}  "

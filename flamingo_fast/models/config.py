@@ -30,6 +30,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+# Which parameters train (`Flamingo.set_trainable`, the trainer's model.trainable): see flamingo.py.
+TRAINABLE_MODES = ("flamingo", "all", "lm", "vision")
+
 
 @dataclass
 class VisionConfig:
@@ -50,8 +53,7 @@ class VisionConfig:
     # Convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): 3x3 stride-2
     # convs with these output channels, then a 1x1 projection to `width`, instead of the p x p patchify conv.
     # Needs 2 ** len(stem_channels) == patch_size. Empty (CLIP's layout): the plain patch embedding. The
-    # CPU demo uses one: a ViT trained from scratch on ~10^4 images learns shape kinds several times faster
-    # with it.
+    # CPU demo uses one (the measurement is in train/configs/demo.toml).
     stem_channels: tuple[int, ...] = ()
 
     @property

@@ -53,13 +53,12 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
 
-from flamingo_fast.models.config import FlamingoConfig
+from flamingo_fast.models.config import TRAINABLE_MODES, FlamingoConfig
 from flamingo_fast.models.lm import BeforeBlock, KVCache, LanguageModel
 from flamingo_fast.models.perceiver import PerceiverResampler
 from flamingo_fast.models.vision import VisionTransformer
 from flamingo_fast.models.xattn import GatedXAttnDense
 
-TRAINABLE_MODES = ("flamingo", "all", "lm", "vision")
 
 
 @dataclass
