@@ -12,6 +12,7 @@ from flamingo_fast.models import (
     PerceiverResampler,
     VisionTransformer,
 )
+from flamingo_fast.models.perceiver import sincos_2d
 
 TINY = dict(
     vision={"image_size": 16, "patch_size": 4, "width": 32, "layers": 1, "heads": 2, "mlp_dim": 64},
@@ -75,8 +76,8 @@ def test_vision_attention_matches_plain_math():
 
 
 def test_vision_conv_stem_layout_and_math():
-    """stem_channels: 3x3 stride-2 convs + GELU, then a 1x1 patch_embedding; same token grid as patchify."""
-    cfg = tiny_cfg(vision={"stem_channels": (8, 12)}).vision
+    """stem: 3x3 convs (channels, stride) + GELU, then a 1x1 patch_embedding; same token grid as patchify."""
+    cfg = tiny_cfg(vision={"stem": [[6, 1], [8, 2], [12, 2]]}).vision
     torch.manual_seed(2)
     vit = VisionTransformer(cfg).double()
     images = torch.randn(2, 3, 16, 16, dtype=torch.float64)
@@ -84,17 +85,19 @@ def test_vision_conv_stem_layout_and_math():
     emb = vit.embeddings
     assert emb.patch_embedding.weight.shape == (32, 12, 1, 1)
     F = torch.nn.functional
-    h = F.gelu(F.conv2d(images, emb.stem[0].weight, emb.stem[0].bias, stride=2, padding=1))
+    h = F.gelu(F.conv2d(images, emb.stem[0].weight, emb.stem[0].bias, stride=1, padding=1))
     h = F.gelu(F.conv2d(h, emb.stem[2].weight, emb.stem[2].bias, stride=2, padding=1))
+    h = F.gelu(F.conv2d(h, emb.stem[4].weight, emb.stem[4].bias, stride=2, padding=1))
     tokens = F.conv2d(h, emb.patch_embedding.weight).flatten(2).transpose(1, 2)  # (2, 16, 32)
     expected = torch.cat([emb.class_embedding.expand(2, 1, -1), tokens], 1) + emb.position_embedding.weight
     torch.testing.assert_close(emb(images), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("stem", [(8,), (8, 12, 16), (8, 0)])
-def test_vision_bad_stem_names_stem_channels(stem):
-    with pytest.raises(ValueError, match="stem_channels"):
-        tiny_cfg(vision={"stem_channels": stem}).validate()
+@pytest.mark.parametrize("stem", [[[8, 2]], [[8, 2], [12, 2], [16, 2]], [[8, 2], [0, 2]], [[8, 4]], [[8, 2], [8, 3]],
+                                  [8, 12], [["a", 2], [8, 2]]])
+def test_vision_bad_stem_names_stem(stem):
+    with pytest.raises(ValueError, match="vision.stem"):
+        tiny_cfg(vision={"stem": stem}).validate()
 
 
 def test_vision_wrong_channels_names_images():
@@ -147,6 +150,43 @@ def test_resampler_temporal_embeddings_used_per_frame():
     assert grad[:2].abs().sum(-1).gt(0).all() and grad[2].eq(0).all()
     with pytest.raises(ValueError, match="max_frames"):
         resampler(torch.randn(1, 1, 4, 5, 32))
+
+
+def test_sincos_2d_matches_formula_row_major():
+    grid, dim = 3, 8
+    table = sincos_2d(grid, dim)
+    assert table.shape == (grid * grid, dim) and table.dtype == torch.float32
+    for row in range(grid):
+        for col in range(grid):
+            omega = [grid ** -(i / 2) for i in range(2)]
+            expected = ([math.sin(col * w) for w in omega] + [math.cos(col * w) for w in omega]
+                        + [math.sin(row * w) for w in omega] + [math.cos(row * w) for w in omega])
+            torch.testing.assert_close(table[row * grid + col], torch.tensor(expected), rtol=1e-6, atol=1e-6)
+    assert torch.unique(table, dim=0).shape[0] == grid * grid  # every patch position is told apart
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(3, 6)
+
+
+def test_resampler_spatial_embedding_adds_patch_positions():
+    torch.manual_seed(0)
+    plain = PerceiverResampler(tiny_cfg().resampler, media_dim=32)
+    spatial = PerceiverResampler(tiny_cfg(resampler={"spatial_embedding": "sincos2d"}).resampler, media_dim=32)
+    spatial.load_state_dict(plain.state_dict())  # no new parameters: the table is fixed
+    features = torch.randn(2, 1, 2, 16, 32)  # 4 x 4 patches, 2 frames
+    torch.testing.assert_close(spatial(features), plain(features + sincos_2d(4, 32)), rtol=1e-5, atol=1e-6)
+    # Without it the resampler cannot tell where a patch is: shuffling the patches changes nothing.
+    shuffle = torch.randperm(16)
+    torch.testing.assert_close(plain(features[:, :, :, shuffle]), plain(features), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(spatial(features[:, :, :, shuffle]), spatial(features), atol=1e-3)
+    with pytest.raises(ValueError, match="square patch grid"):
+        spatial(torch.randn(1, 1, 1, 15, 32))
+
+
+def test_resampler_spatial_embedding_bad_config():
+    with pytest.raises(ValueError, match="resampler.spatial_embedding"):
+        tiny_cfg(resampler={"spatial_embedding": "learned"}).validate()
+    with pytest.raises(ValueError, match="output_class_token"):
+        tiny_cfg(resampler={"spatial_embedding": "sincos2d"}, vision={"output_class_token": True}).validate()
 
 
 def test_resampler_matches_plain_math():

@@ -23,6 +23,7 @@ def test_demo_quick_writes_summary_plot_and_weights(tmp_path):
     assert stages["flamingo"]["frozen_vision_and_lm"] is True
     assert stages["flamingo"]["trainable_parameters"] < stages["flamingo"]["total_parameters"]
     assert summary["num_caption"] == 4 and summary["num_vqa"] == 4
+    assert sum(v["count"] for v in summary["vqa_by_type"].values()) == 4
     png = (tmp_path / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (tmp_path / "pretrained.safetensors").is_file()

@@ -45,7 +45,7 @@ def _check(result: subprocess.CompletedProcess) -> None:
 @pytest.mark.slow
 def test_two_rank_fsdp_matches_one_rank(tmp_path):
     args = ["-m", "train", "--config", "tiny", ONE_SOURCE, "--train.steps=4", "--checkpoint.every=0",
-            "--checkpoint.save_final=false"]
+            "--checkpoint.save_final=false", "--eval.at_end=true"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_port={_free_port()}", *args,
                           f"--train.out_dir={tmp_path / 'two'}"], env=_env(), cwd=ROOT, capture_output=True,
@@ -61,6 +61,12 @@ def test_two_rank_fsdp_matches_one_rank(tmp_path):
         assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5, (step, a[step]["loss"], b[step]["loss"])
         assert abs(a[step]["grad_norm"] - b[step]["grad_norm"]) <= 1e-5 * max(1.0, a[step]["grad_norm"])
     assert a[4]["loss"] != a[1]["loss"]  # it trained
+    # The held-out evaluation is split over the ranks and reduced: the same samples are counted, per type too.
+    eval_one, eval_two = (json.loads((tmp_path / run / "eval.jsonl").read_text()) for run in ("one", "two"))
+    assert eval_one["num_vqa"] == eval_two["num_vqa"] == 8 and eval_one["num_caption"] == eval_two["num_caption"] == 8
+    counts = {key: value["count"] for key, value in eval_one["vqa_by_type"].items()}
+    assert counts == {key: value["count"] for key, value in eval_two["vqa_by_type"].items()}
+    assert sum(counts.values()) == 8 and len(counts) > 1
 
 
 @pytest.mark.slow

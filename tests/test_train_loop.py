@@ -84,6 +84,9 @@ def test_run_writes_metrics_jsonl_and_checkpoints(tmp_path):
     assert result.steps == 3 and result.last_eval is not None
     assert result.last_eval.num_caption == 8 and result.last_eval.num_vqa == 8
     assert 0.0 <= result.last_eval.caption_exact_match <= 1.0
+    by_type = result.last_eval.vqa_by_type  # per question type, consistent with the overall accuracy
+    assert sum(v["count"] for v in by_type.values()) == 8 and set(by_type) <= {"colour", "shape", "count", "left", "right"}
+    assert sum(v["accuracy"] * v["count"] for v in by_type.values()) / 8 == pytest.approx(result.last_eval.vqa_accuracy)
 
 
 def test_finetune_mode_runs_epochs_with_eval_after_each(tmp_path):

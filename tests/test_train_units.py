@@ -242,6 +242,20 @@ def test_flop_counter_charges_trainable_6_frozen_4_vision_2():
     assert everything.flops(with_image) > counter.flops(with_image) > counter.flops(text_only)
 
 
+@pytest.mark.parametrize("stem", [[], [[6, 1], [8, 2], [12, 2]]])
+def test_flop_counter_charges_each_embedding_conv_for_its_output_grid(stem):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from flamingo_fast.models.vision import VisionTransformer
+    from train.metrics import _embedding_macs
+
+    cfg = tiny_model().cfg.replace(vision={"stem": stem}).vision
+    embeddings = VisionTransformer(cfg).embeddings
+    with FlopCounterMode(display=False) as measured:  # torch's own count of the convs, for 3 images
+        embeddings(torch.randn(3, 3, cfg.image_size, cfg.image_size))
+    assert 2 * 3 * _embedding_macs(embeddings, cfg.image_size) == measured.get_total_flops()
+
+
 # -- scoring ----------------------------------------------------------------------------------------------------
 def test_held_out_scoring_is_flamingo_fast_evals():
     """train.evaluate scores with flamingo_fast.eval's cleaning, exact_match and vqa_accuracy."""

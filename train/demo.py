@@ -10,7 +10,7 @@ Stages (all on this machine, minutes on a 2-core CPU):
 then greedy decoding on the held-out split, scored by train/evaluate.py with flamingo_fast.eval's metrics
 (`exact_match` for captions, `vqa_accuracy` for questions): caption exact-match, VQA accuracy, samples.
 
-Writes DIR/summary.json (caption_exact_match, vqa_accuracy, wall_seconds, steps, per-stage details),
+Writes DIR/summary.json (caption_exact_match, vqa_accuracy, vqa_by_type, wall_seconds, steps, per-stage details),
 DIR/demo.png (loss curves + held-out images with their generated captions), DIR/pretrained.safetensors
 (stage 1-2 weights), DIR/flamingo/ (the trainer's run folder: metrics.jsonl, eval.jsonl, checkpoints/,
 model.safetensors). On a CUDA device stage 3 runs FSDP with bf16 compute, so the fused kernels are used
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": result.steps,
         "num_caption": evaluation.num_caption,
         "num_vqa": evaluation.num_vqa,
+        "vqa_by_type": evaluation.vqa_by_type,
         "targets": TARGETS,
         "targets_met": (not args.quick) and all((getattr(evaluation, k) or 0.0) >= v for k, v in TARGETS.items()),
         "stages": {
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(evaluation, key)
         table.add_row(key, "n/a" if value is None else f"{value:.3f}", f">= {target}")
     console.print(table)
+    if evaluation.vqa_by_type:
+        console.print("VQA accuracy by question type: " + ", ".join(
+            f"{key} {value['accuracy']:.3f} (n={value['count']})" for key, value in evaluation.vqa_by_type.items()))
     for example in [e for e in evaluation.examples if e["task"] == "caption"][:4] + \
                    [e for e in evaluation.examples if e["task"] == "vqa"][:4]:
         mark = "[green]ok[/green]" if example.get("correct") else "[red]wrong[/red]"

@@ -39,11 +39,13 @@ class EvalResult:
     vqa_accuracy: float | None = None
     num_caption: int = 0
     num_vqa: int = 0
+    # VQA accuracy and count per question type (the samples' meta["question_type"], e.g. shapes' "colour")
+    vqa_by_type: dict[str, dict[str, float]] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)  # this rank's decoded samples
 
     def metrics(self) -> dict[str, Any]:
         return {"caption_exact_match": self.caption_exact_match, "vqa_accuracy": self.vqa_accuracy,
-                "num_caption": self.num_caption, "num_vqa": self.num_vqa}
+                "num_caption": self.num_caption, "num_vqa": self.num_vqa, "vqa_by_type": self.vqa_by_type}
 
 
 def _dist() -> tuple[int, int]:
@@ -56,6 +58,16 @@ def _all_reduce(value: torch.Tensor, op) -> torch.Tensor:
     if _dist()[1] > 1:
         dist.all_reduce(value, op=op)
     return value
+
+
+def _merge_by_type(parts: Sequence[dict[str, tuple[float, int]]]) -> dict[str, tuple[float, int]]:
+    """Sum {question type: (score sum, count)} dicts."""
+    merged: dict[str, tuple[float, int]] = {}
+    for part in parts:
+        for key, (score, count) in part.items():
+            total_score, total_count = merged.get(key, (0.0, 0))
+            merged[key] = (total_score + score, total_count + count)
+    return merged
 
 
 def score_example(sample: Sample, text: str) -> dict[str, Any]:
@@ -133,6 +145,7 @@ def evaluate(model: torch.nn.Module, samples: Sequence[Sample], collator: Collat
         model.train(was_training)
 
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # caption hits, captions, vqa score, questions
+    by_type: dict[str, tuple[float, int]] = {}  # question type -> (score sum, count)
     examples = []
     for chunk, rows in zip(chunks, texts):
         for sample, text in zip(chunk, rows):
@@ -141,13 +154,21 @@ def evaluate(model: torch.nn.Module, samples: Sequence[Sample], collator: Collat
                 first = 0 if example["kind"] == "caption" else 2
                 sums[first] += example["score"]
                 sums[first + 1] += 1
+                question_type = (sample.meta or {}).get("question_type")
+                if example["kind"] == "vqa" and question_type is not None:
+                    by_type = _merge_by_type([by_type, {str(question_type): (example["score"], 1)}])
             examples.append(example)
     _all_reduce(sums, dist.ReduceOp.SUM)
+    if _dist()[1] > 1:  # the types seen differ between ranks: gather the small dicts
+        gathered: list[dict[str, tuple[float, int]]] = [{} for _ in range(_dist()[1])]
+        dist.all_gather_object(gathered, by_type)
+        by_type = _merge_by_type(gathered)
     cap_hits, caps, vqa_score, questions = sums.tolist()
     return EvalResult(
         caption_exact_match=cap_hits / caps if caps else None,
         vqa_accuracy=vqa_score / questions if questions else None,
         num_caption=int(caps),
         num_vqa=int(questions),
+        vqa_by_type={key: {"accuracy": score / count, "count": count} for key, (score, count) in sorted(by_type.items())},
         examples=examples,
     )

@@ -9,7 +9,8 @@ FLOPs (matmuls and attention; embeddings lookups, norms and elementwise ops are 
 - Attention: forward 4 * q_len * k_len * head_dims FLOPs (QK^T and PV), causal self-attention half of
   that; backward twice the forward whenever the attention's inputs need gradients (x3 in all).
   Cross-attention: every text token sees the n_latents latents of one image.
-- Each weight is charged for the tokens it actually sees: vision blocks for patches, the resampler's
+- Each weight is charged for the tokens it actually sees: vision blocks for patches (the embedding convs
+  for the positions of their own output grid: a full-resolution stem conv sees every pixel), the resampler's
   key/value projections for (patches + latents), its queries/FFW for latents, xattn to_kv for the
   latents of the batch's images, everything else for text tokens.
 MFU = achieved model FLOP/s / peak FLOP/s of the devices (bf16 dense peak for known GPUs; on CPU an
@@ -50,6 +51,16 @@ def _linear_params(module: torch.nn.Module) -> int:
     for sub in module.modules():
         if isinstance(sub, (torch.nn.Linear, torch.nn.Conv2d)):
             total += sub.weight.numel()
+    return total
+
+
+def _embedding_macs(embeddings: torch.nn.Module, image_size: int) -> int:
+    """Multiply-adds per image of the ViT's embedding convs (the stem's, then the patch projection), each
+    charged for the positions of its own output grid: a stride-1 stem conv runs at full resolution."""
+    total, size = 0, image_size
+    for conv in (m for m in embeddings.modules() if isinstance(m, torch.nn.Conv2d)):  # in forward order
+        size = (size + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        total += conv.weight.numel() * size * size
     return total
 
 
@@ -100,7 +111,7 @@ class FlopCounter:
         vision_upstream_trainable = _trainable(model.vision)
         self.vision_rate = rate(model.vision, needs_input_grad=vision_upstream_trainable)
         self.vision_block_params = _linear_params(model.vision.encoder)
-        self.patch_params = _linear_params(model.vision.embeddings)
+        self.embedding_macs = _embedding_macs(model.vision.embeddings, cfg.vision.image_size)
         self.vision_tokens = cfg.vision.num_patches + int(cfg.vision.class_token)
         self.vision_features = cfg.vision.num_features
 
@@ -136,7 +147,7 @@ class FlopCounter:
         # Vision encoder, per frame.
         vision_attn = 4 * self.vision_tokens**2 * self.cfg.vision.width * self.cfg.vision.layers
         total += shape.frames * (self.vision_rate * (self.vision_block_params * self.vision_tokens
-                                                     + self.patch_params * self.cfg.vision.num_patches)
+                                                     + self.embedding_macs)
                                  + (attn_mult if self.vision_rate > 2 else 1) * vision_attn)
         # Perceiver Resampler, per media item (its F frames are flattened into one key sequence).
         frames_per_item = shape.frames / max(shape.media_items, 1)

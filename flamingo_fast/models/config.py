@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -50,11 +51,11 @@ class VisionConfig:
     class_token: bool = True  # CLIP has one; it takes a position embedding slot
     output_class_token: bool = False  # include the class token in the features given to the resampler
     output_norm: bool = True  # apply post_layernorm to the output features
-    # Convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): 3x3 stride-2
-    # convs with these output channels, then a 1x1 projection to `width`, instead of the p x p patchify conv.
-    # Needs 2 ** len(stem_channels) == patch_size. Empty (CLIP's layout): the plain patch embedding. The
-    # CPU demo uses one (the measurement is in train/configs/demo.toml).
-    stem_channels: tuple[int, ...] = ()
+    # Convolutional stem (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"): 3x3 convs given
+    # as (out_channels, stride) pairs with stride 1 or 2, each followed by GELU, then a 1x1 projection to `width`,
+    # instead of the p x p patchify conv. The strides must multiply to patch_size. Empty (CLIP's layout): the
+    # plain patch embedding. The CPU demo uses one (the measurement is in train/configs/demo.toml).
+    stem: tuple[tuple[int, int], ...] = ()
 
     @property
     def num_patches(self) -> int:
@@ -74,12 +75,17 @@ class VisionConfig:
             raise ValueError(f"vision.activation must be 'gelu' or 'quick_gelu', got {self.activation!r}")
         if self.output_class_token and not self.class_token:
             raise ValueError("vision.output_class_token needs vision.class_token")
-        self.stem_channels = tuple(self.stem_channels)
-        if self.stem_channels and (2 ** len(self.stem_channels) != self.patch_size
-                                   or not all(isinstance(c, int) and c > 0 for c in self.stem_channels)):
-            raise ValueError(f"vision.stem_channels must be {self.patch_size.bit_length() - 1} positive ints "
-                             f"(one stride-2 conv per halving of patch_size {self.patch_size}), got "
-                             f"{list(self.stem_channels)}")
+        try:
+            self.stem = tuple((int(c), int(st)) for c, st in self.stem)
+        except (TypeError, ValueError):
+            raise ValueError(f"vision.stem must be a list of [out_channels, stride] pairs, got {self.stem!r}") from None
+        if self.stem and (math.prod(st for _, st in self.stem) != self.patch_size
+                          or not all(c > 0 and st in (1, 2) for c, st in self.stem)):
+            raise ValueError(f"vision.stem must be [out_channels > 0, stride 1 or 2] pairs whose strides multiply to "
+                             f"patch_size {self.patch_size}, got {[list(layer) for layer in self.stem]}")
+
+
+SPATIAL_EMBEDDINGS = ("none", "sincos2d")
 
 
 @dataclass
@@ -93,11 +99,18 @@ class PerceiverConfig:
     n_latents: int = 64
     ffw_mult: int = 4
     max_frames: int = 8  # temporal embeddings: frames F of one media item (video); 1 for still images
+    # "none" (the paper, OpenFlamingo): the features' own position information only. "sincos2d": fixed 2-D
+    # sine-cosine features of each patch's grid position are added to the media (as the Perceiver adds
+    # Fourier position features to its inputs); needs a square patch grid, no class token.
+    spatial_embedding: str = "none"
     layer_norm_eps: float = 1e-5
 
     def validate(self) -> None:
         if self.max_frames < 1:
             raise ValueError(f"resampler.max_frames must be >= 1, got {self.max_frames}")
+        if self.spatial_embedding not in SPATIAL_EMBEDDINGS:
+            raise ValueError(f"resampler.spatial_embedding must be one of {SPATIAL_EMBEDDINGS}, "
+                             f"got {self.spatial_embedding!r}")
         if min(self.dim, self.depth, self.heads, self.head_dim, self.n_latents, self.ffw_mult) < 1:
             raise ValueError(f"resampler dimensions must be positive, got {self}")
 
@@ -203,6 +216,9 @@ class FlamingoConfig:
     def validate(self) -> None:
         for part in (self.vision, self.resampler, self.xattn, self.lm):
             part.validate()
+        if self.resampler.spatial_embedding != "none" and self.vision.num_features != self.vision.num_patches:
+            raise ValueError("resampler.spatial_embedding needs patch features only: set vision.output_class_token "
+                             "to false")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,7 +8,9 @@
 
 Temporal embeddings (`frame_embs`, one per frame index up to `max_frames`) are added to every frame's
 features, so a still image (F = 1) gets frame 0's embedding and a video's frames are told apart. There is
-no spatial embedding (the ViT features already carry position). `media_proj` maps the vision width to the
+no spatial embedding by default (the ViT features already carry position); `spatial_embedding="sincos2d"`
+adds fixed 2-D sine-cosine features of each patch's (row, column) on a square grid, which small encoders
+trained briefly need (measured in train/configs/demo.toml). `media_proj` maps the vision width to the
 resampler width when they differ (Identity otherwise, e.g. for OpenFlamingo checkpoints).
 """
 
@@ -66,6 +68,19 @@ class PerceiverLayer(nn.Module):
         return latents + self.ffw(latents)
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) fixed position features, row-major like the ViT's patches: dim/4 frequencies each of
+    sin/cos of the column, then of the row (MAE's 2-D sine-cosine embedding; wavelengths 2*pi .. ~2*pi*grid)."""
+    if dim % 4:
+        raise ValueError(f"sincos_2d needs a feature dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = grid ** -(torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    cols, rows = cols.flatten()[:, None] * omega, rows.flatten()[:, None] * omega
+    return torch.cat([cols.sin(), cols.cos(), rows.sin(), rows.cos()], dim=1).float()
+
+
 class PerceiverResampler(nn.Module):
     def __init__(self, cfg: PerceiverConfig, media_dim: int):
         super().__init__()
@@ -77,6 +92,16 @@ class PerceiverResampler(nn.Module):
         self.layers = nn.ModuleList(PerceiverLayer(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.reset_parameters()
+
+    def _spatial(self, v: int, features: torch.Tensor) -> torch.Tensor:
+        grid = round(v ** 0.5)
+        if grid * grid != v:
+            raise ValueError(f"resampler.spatial_embedding='sincos2d' needs a square patch grid, got v={v} features "
+                             "per frame")
+        if self.media_dim % 4:
+            raise ValueError(f"resampler.spatial_embedding='sincos2d' needs a vision width divisible by 4, got "
+                             f"{self.media_dim}")
+        return sincos_2d(grid, self.media_dim).to(device=features.device, dtype=features.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.latents, std=0.02)
@@ -92,6 +117,8 @@ class PerceiverResampler(nn.Module):
         if f > self.cfg.max_frames:
             raise ValueError(f"features has {f} frames per media item; resampler.max_frames is {self.cfg.max_frames}")
         x = features + self.frame_embs[:f, None, :].to(features.dtype)  # (F, 1, Dv) broadcasts over v
+        if self.cfg.spatial_embedding == "sincos2d":
+            x = x + self._spatial(v, features)
         media = self.media_proj(x.reshape(b * t, f * v, self.media_dim))
         latents = self.latents.to(media.dtype).expand(b * t, -1, -1)
         for layer in self.layers:

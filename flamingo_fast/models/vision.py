@@ -5,7 +5,7 @@ one-to-one:
 
     embeddings.class_embedding            (D,)
     embeddings.patch_embedding.weight     (D, C, p, p)      conv, no bias
-    (with VisionConfig.stem_channels, not in CLIP: embeddings.stem.{0,2,..} 3x3 stride-2 convs and a 1x1
+    (with VisionConfig.stem, not in CLIP: embeddings.stem.{0,2,..} 3x3 stride-1/2 convs and a 1x1
     patch_embedding (D, C_stem, 1, 1))
     embeddings.position_embedding.weight  (n_patches + 1, D)
     pre_layrnorm.{weight,bias}            (CLIP's spelling)
@@ -37,10 +37,10 @@ class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.stem_channels:  # 3x3 stride-2 convs, then a 1x1 projection (VisionConfig.stem_channels)
+        if cfg.stem:  # 3x3 convs + GELU, then a 1x1 projection (VisionConfig.stem)
             layers, c_in = [], cfg.channels
-            for c_out in cfg.stem_channels:
-                layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
+            for c_out, stride in cfg.stem:
+                layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GELU()]
                 c_in = c_out
             self.stem = nn.Sequential(*layers)
             self.patch_embedding = nn.Conv2d(c_in, cfg.width, 1, bias=False)
