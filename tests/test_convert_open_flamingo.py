@@ -171,6 +171,10 @@ def test_key_errors_and_placement(tmp_path):
     torch.save({**state, "perceiver.media_time_embs": torch.zeros(2, 1, WIDTH)}, tmp_path / "time.pt")
     with pytest.raises(ValueError, match="media_time_embs"):
         from_open_flamingo(tmp_path / "time.pt", cfg, Flamingo(cfg))
+    # OpenFlamingo's resampler has no spatial embedding: a config with one would compute something else.
+    spatial = cfg.replace(resampler={"spatial_embedding": "sincos2d"})
+    with pytest.raises(ValueError, match="spatial_embedding"):
+        from_open_flamingo(_checkpoint(tmp_path, perceiver, blocks), spatial, Flamingo(spatial))
 
 
 # -- the whole model -------------------------------------------------------------------------------------------

@@ -93,11 +93,24 @@ def test_vision_conv_stem_layout_and_math():
     torch.testing.assert_close(emb(images), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("stem", [[[8, 2]], [[8, 2], [12, 2], [16, 2]], [[8, 2], [0, 2]], [[8, 4]], [[8, 2], [8, 3]],
-                                  [8, 12], [["a", 2], [8, 2]]])
+@pytest.mark.parametrize("stem", [[[8, 2]], [[8, 2], [12, 2], [16, 2]], [[8, 2], [0, 2]], [[8, 4]],
+                                  [[8, 1], [8, 3]], [8, 12], [["a", 2], [8, 2]], [[8, 2.0], [8, 2]],
+                                  [[8, True], [8, 2], [8, 2]], ["12", "12"], [[8, 2, 1], [8, 2]], "stem"])
 def test_vision_bad_stem_names_stem(stem):
     with pytest.raises(ValueError, match="vision.stem"):
         tiny_cfg(vision={"stem": stem}).validate()
+
+
+def test_config_round_trip_keeps_stem_and_reads_older_stem_channels():
+    import json
+
+    cfg = tiny_cfg(vision={"stem": [[6, 1], [8, 2], [12, 2]]}, resampler={"spatial_embedding": "sincos2d"})
+    again = FlamingoConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.vision.stem == ((6, 1), (8, 2), (12, 2))
+    older = cfg.to_dict()  # an export written before `stem` replaced `stem_channels` (stride-2 convs only)
+    del older["vision"]["stem"]
+    older["vision"]["stem_channels"] = [8, 12]
+    assert FlamingoConfig.from_dict(older).vision.stem == ((8, 2), (12, 2))
 
 
 def test_vision_wrong_channels_names_images():
@@ -187,6 +200,8 @@ def test_resampler_spatial_embedding_bad_config():
         tiny_cfg(resampler={"spatial_embedding": "learned"}).validate()
     with pytest.raises(ValueError, match="output_class_token"):
         tiny_cfg(resampler={"spatial_embedding": "sincos2d"}, vision={"output_class_token": True}).validate()
+    with pytest.raises(ValueError, match="vision.width divisible by 4"):
+        tiny_cfg(resampler={"spatial_embedding": "sincos2d"}, vision={"width": 30, "heads": 2}).validate()
 
 
 def test_resampler_matches_plain_math():

@@ -40,7 +40,7 @@ class EvalResult:
     num_caption: int = 0
     num_vqa: int = 0
     # VQA accuracy and count per question type (the samples' meta["question_type"], e.g. shapes' "colour")
-    vqa_by_type: dict[str, dict[str, float]] = field(default_factory=dict)
+    vqa_by_type: dict[str, dict[str, float | int]] = field(default_factory=dict)  # {"accuracy": ..., "count": ...}
     examples: list[dict[str, Any]] = field(default_factory=list)  # this rank's decoded samples
 
     def metrics(self) -> dict[str, Any]:
@@ -156,7 +156,8 @@ def evaluate(model: torch.nn.Module, samples: Sequence[Sample], collator: Collat
                 sums[first + 1] += 1
                 question_type = (sample.meta or {}).get("question_type")
                 if example["kind"] == "vqa" and question_type is not None:
-                    by_type = _merge_by_type([by_type, {str(question_type): (example["score"], 1)}])
+                    score, count = by_type.get(str(question_type), (0.0, 0))
+                    by_type[str(question_type)] = (score + example["score"], count + 1)
             examples.append(example)
     _all_reduce(sums, dist.ReduceOp.SUM)
     if _dist()[1] > 1:  # the types seen differ between ranks: gather the small dicts

@@ -75,7 +75,7 @@ def clip_param_name(hf_name: str) -> Optional[str]:
 
 
 def _check_same_shape(vision: VisionTransformer, cfg: VisionConfig, source: str) -> None:
-    fields = ("image_size", "patch_size", "channels", "width", "layers", "heads", "mlp_dim", "activation")
+    fields = ("image_size", "patch_size", "channels", "width", "layers", "heads", "mlp_dim", "activation", "stem")
     differ = [f"{f}: model {getattr(vision.cfg, f)!r} vs checkpoint {getattr(cfg, f)!r}" for f in fields
               if getattr(vision.cfg, f) != getattr(cfg, f)]
     if differ:

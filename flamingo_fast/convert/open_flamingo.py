@@ -198,6 +198,9 @@ def _check_config(cfg: FlamingoConfig) -> None:
     if cfg.xattn.activation != "gelu":
         raise ValueError("OpenFlamingo's cross-attention FFW uses GELU; set xattn.activation='gelu' "
                          "(open_flamingo_config does)")
+    if cfg.resampler.spatial_embedding != "none":
+        raise ValueError(f"OpenFlamingo's resampler adds no spatial embedding, but cfg.resampler.spatial_embedding "
+                         f"is {cfg.resampler.spatial_embedding!r}; set it to 'none' (open_flamingo_config does)")
 
 
 def from_open_flamingo(

@@ -75,10 +75,13 @@ class VisionConfig:
             raise ValueError(f"vision.activation must be 'gelu' or 'quick_gelu', got {self.activation!r}")
         if self.output_class_token and not self.class_token:
             raise ValueError("vision.output_class_token needs vision.class_token")
-        try:
-            self.stem = tuple((int(c), int(st)) for c, st in self.stem)
-        except (TypeError, ValueError):
-            raise ValueError(f"vision.stem must be a list of [out_channels, stride] pairs, got {self.stem!r}") from None
+        def is_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if isinstance(self.stem, (str, bytes)) or not all(
+                isinstance(layer, (list, tuple)) and len(layer) == 2 and all(map(is_int, layer)) for layer in self.stem):
+            raise ValueError(f"vision.stem must be a list of [out_channels, stride] int pairs, got {self.stem!r}")
+        self.stem = tuple((c, st) for c, st in self.stem)
         if self.stem and (math.prod(st for _, st in self.stem) != self.patch_size
                           or not all(c > 0 and st in (1, 2) for c, st in self.stem)):
             raise ValueError(f"vision.stem must be [out_channels > 0, stride 1 or 2] pairs whose strides multiply to "
@@ -216,15 +219,24 @@ class FlamingoConfig:
     def validate(self) -> None:
         for part in (self.vision, self.resampler, self.xattn, self.lm):
             part.validate()
-        if self.resampler.spatial_embedding != "none" and self.vision.num_features != self.vision.num_patches:
-            raise ValueError("resampler.spatial_embedding needs patch features only: set vision.output_class_token "
-                             "to false")
+        if self.resampler.spatial_embedding != "none":
+            if self.vision.num_features != self.vision.num_patches:
+                raise ValueError("resampler.spatial_embedding needs patch features only: set vision.output_class_token "
+                                 "to false")
+            if self.vision.width % 4:
+                raise ValueError(f"resampler.spatial_embedding='sincos2d' needs vision.width divisible by 4, got "
+                                 f"{self.vision.width}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FlamingoConfig":
+        vision = d.get("vision")
+        if isinstance(vision, dict) and "stem_channels" in vision:  # exports of 2026-11-28 (stride-2 convs only)
+            vision = {k: v for k, v in vision.items() if k != "stem_channels"}
+            vision["stem"] = [[c, 2] for c in d["vision"]["stem_channels"]]
+            d = {**d, "vision": vision}
         return cls().replace(**d)
 
     def replace(self, **overrides: Any) -> "FlamingoConfig":

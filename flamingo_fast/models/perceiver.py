@@ -70,7 +70,8 @@ class PerceiverLayer(nn.Module):
 
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     """(grid * grid, dim) fixed position features, row-major like the ViT's patches: dim/4 frequencies each of
-    sin/cos of the column, then of the row (MAE's 2-D sine-cosine embedding; wavelengths 2*pi .. ~2*pi*grid)."""
+    sin/cos of the column, then of the row (MAE's 2-D layout, but base `grid` instead of 10000, so that the
+    wavelengths, 2*pi .. ~2*pi*grid, suit a grid of any size)."""
     if dim % 4:
         raise ValueError(f"sincos_2d needs a feature dim divisible by 4, got {dim}")
     quarter = dim // 4
@@ -91,17 +92,19 @@ class PerceiverResampler(nn.Module):
         self.media_proj = nn.Linear(media_dim, cfg.dim, bias=False) if media_dim != cfg.dim else nn.Identity()
         self.layers = nn.ModuleList(PerceiverLayer(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self._spatial_tables: dict[tuple, torch.Tensor] = {}  # fixed, so not in the state dict
         self.reset_parameters()
 
     def _spatial(self, v: int, features: torch.Tensor) -> torch.Tensor:
+        """The sincos_2d table for v patches, made once per (v, device, dtype): no host copy per step."""
         grid = round(v ** 0.5)
         if grid * grid != v:
             raise ValueError(f"resampler.spatial_embedding='sincos2d' needs a square patch grid, got v={v} features "
                              "per frame")
-        if self.media_dim % 4:
-            raise ValueError(f"resampler.spatial_embedding='sincos2d' needs a vision width divisible by 4, got "
-                             f"{self.media_dim}")
-        return sincos_2d(grid, self.media_dim).to(device=features.device, dtype=features.dtype)
+        key = (v, features.device, features.dtype)
+        if key not in self._spatial_tables:
+            self._spatial_tables[key] = sincos_2d(grid, self.media_dim).to(device=features.device, dtype=features.dtype)
+        return self._spatial_tables[key]
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.latents, std=0.02)
