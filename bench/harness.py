@@ -21,6 +21,7 @@ timed; one that disagrees gets a row with rel_err filled, ms null and a note say
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -101,6 +102,38 @@ class Row:
 
 
 # -- timing -----------------------------------------------------------------------------------------------------
+# -- shared by the pytest-benchmark files (bench/test_bench_*.py) ------------------------------------------------
+def quick_requested() -> bool:
+    """FLAMINGO_BENCH_QUICK=1: the pytest benchmarks run their --quick cases only."""
+    return os.environ.get("FLAMINGO_BENCH_QUICK", "") not in ("", "0")
+
+
+class LatestPrepared:
+    """Prepared inputs (model, data, oracle) of the newest case only, shared by that case's parametrized
+    variants; preparing another case drops the previous one to free its memory."""
+
+    def __init__(self):
+        self._key, self._value = None, None
+
+    def get(self, key, prepare: Callable[[], object]):
+        if self._key is None or self._key != key:
+            self._key = self._value = None  # free the old case before building the new one
+            self._value = prepare()  # may raise Unavailable: nothing is kept, the next variant retries
+            self._key = key
+        return self._value
+
+
+def synchronized(call: Callable[[], object], device: torch.device) -> Callable[[], None]:
+    """`call`, then wait for the GPU, so that a wall-clock timer sees the work finish."""
+
+    def run() -> None:
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return run
+
+
 def time_cpu(call: Callable[[], object], min_time_s: float, min_reps: int = 3, max_reps: int = 100,
              warmup: bool = True) -> float:
     """Median wall-clock milliseconds of call() after one warm-up call."""

@@ -13,20 +13,18 @@ stores tflops, gbps, rel_err and max_abs_err in `benchmark.extra_info`.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from bench.cases import select_cases
 from bench.flops import DIRECTIONS
-from bench.harness import Settings, check_impl, prepare_case, refusal_note
+from bench.harness import (LatestPrepared, Settings, check_impl, prepare_case, quick_requested, refusal_note,
+                           synchronized)
 from bench.impls import IMPLS, Skipped, Unavailable
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-QUICK = os.environ.get("FLAMINGO_BENCH_QUICK", "") not in ("", "0")
-CASES, _ = select_cases(DEVICE.type, QUICK)
+CASES, _ = select_cases(DEVICE.type, quick_requested())
 PARAMS = [
     pytest.param(case, direction, impl, id=f"{case.op}[{case.name}]-{direction}-{impl.name}")
     for case in CASES
@@ -35,16 +33,7 @@ PARAMS = [
     if case.op in impl.ops
 ]
 SETTINGS = Settings(device=DEVICE, dtype=DTYPE, min_time_s=1.0)
-_prepared: dict = {}
-
-
-def prepared_for(case, direction):
-    """Inputs and oracle of one (case, direction), shared by its implementations (only the latest is kept)."""
-    key = (case, direction)
-    if key not in _prepared:
-        _prepared.clear()
-        _prepared[key] = prepare_case(case, direction, SETTINGS)
-    return _prepared[key]
+_prepared = LatestPrepared()  # inputs and oracle of one (case, direction), shared by its implementations
 
 
 @pytest.mark.benchmark
@@ -52,7 +41,7 @@ def prepared_for(case, direction):
 def test_kernel(benchmark, case, direction, impl):
     if impl.compiled:
         torch._dynamo.reset()
-    prepared = prepared_for(case, direction)
+    prepared = _prepared.get((case, direction), lambda: prepare_case(case, direction, SETTINGS))
     try:
         checked = check_impl(case, impl, direction, prepared, SETTINGS)
     except (Skipped, Unavailable, NotImplementedError) as exc:
@@ -62,13 +51,7 @@ def test_kernel(benchmark, case, direction, impl):
     if not checked.ok:
         pytest.fail(refusal_note(checked, prepared.oracle))
 
-    call = checked.call
-    if DEVICE.type == "cuda":
-        def timed():
-            call()
-            torch.cuda.synchronize()
-    else:
-        timed = call
+    timed = synchronized(checked.call, DEVICE)
     rounds = max(3, min(50, int(1.0 / max(checked.first_call_s, 1e-4))))
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
     seconds = benchmark.stats.stats.median
