@@ -101,7 +101,6 @@ class Row:
         return asdict(self)
 
 
-# -- timing -----------------------------------------------------------------------------------------------------
 # -- shared by the pytest-benchmark files (bench/test_bench_*.py) ------------------------------------------------
 def quick_requested() -> bool:
     """FLAMINGO_BENCH_QUICK=1: the pytest benchmarks run their --quick cases only."""
@@ -134,6 +133,7 @@ def synchronized(call: Callable[[], object], device: torch.device) -> Callable[[
     return run
 
 
+# -- timing -----------------------------------------------------------------------------------------------------
 def time_cpu(call: Callable[[], object], min_time_s: float, min_reps: int = 3, max_reps: int = 100,
              warmup: bool = True) -> float:
     """Median wall-clock milliseconds of call() after one warm-up call."""

@@ -282,8 +282,9 @@ class Trainer:
         if self.info.is_main:
             with (self.out_dir / "eval.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        # The per-type breakdown (VQAv2 has ~65 question types) stays in eval.jsonl, off the console line.
-        parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "vqa_by_type"]
+        # Scalars only on the console line: breakdowns (vqa_by_type; VQAv2 has ~65 question types) stay in eval.jsonl.
+        parts = [f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                 if not isinstance(v, (dict, list))]
         self._log("[bold]eval[/bold]  " + "  ".join(parts))
         for example in result.examples[: self.cfg.eval.show_samples]:
             mark = "[green]ok[/green]" if example.get("correct") else "[red]wrong[/red]"
