@@ -289,3 +289,43 @@ def test_region_mask_covers_exactly_the_patches_under_the_shape():
     assert torch.equal(mask, expected)
     edge = region_mask(Shape("red", "star", x=0.7, y=0.0, size=0.3), image_size=32, patch_size=4).view(8, 8)
     assert edge[0, 7] == 1.0 and edge[:, :5].sum() == 0  # clipped at the border, nothing left of x = 0.7
+
+
+def test_subject_lines_repeat_the_asked_word_and_mix_in_every_nth_sample():
+    from train.pretrain import mixed_with, subject_lines
+
+    lines = subject_lines(seed=3)
+    texts = [lines(i).text for i in range(40)]
+    assert texts == [subject_lines(seed=3)(i).text for i in range(40)]  # a pure function of (seed, index)
+    assert texts != [subject_lines(seed=4)(i).text for i in range(40)]
+    for text in texts:
+        question, output = text.removesuffix("<|endofchunk|>").split(" Output:")
+        assert question.startswith("Question:what ") and question.endswith("?")
+        assert output == question.rstrip("?").split()[-1]  # "what colour is the star?" -> "star"
+    assert any(t.startswith("Question:what colour") for t in texts) and any(t.startswith("Question:what shape") for t in texts)
+    mixed = mixed_with(lambda i: f"text {i}", lines, every=4)
+    assert [isinstance(mixed(i), Sample) for i in range(8)] == [True, False, False, False] * 2
+    with pytest.raises(ValueError, match="every must be a positive int"):
+        mixed_with(lambda i: i, lines, every=0)
+
+
+def test_lm_pretrained_on_subject_lines_names_the_subject():
+    """The mechanism stage 2 relies on: after subject lines, the LM's next word after "Output:" is the question's
+    subject, i.e. its state there carries what was asked."""
+    from flamingo_fast.data.shapes import shapes_tokenizer
+    from train.pretrain import pretrain_language_model, subject_lines
+
+    torch.manual_seed(0)
+    tokenizer = shapes_tokenizer()
+    config = FlamingoConfig.from_preset("demo", vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+                                        lm={"dim": 64, "layers": 2, "heads": 1, "kv_heads": 1, "ffn_dim": 128})
+    lm = Flamingo(config).lm
+    lines = subject_lines(seed=0)
+    pretrain_language_model(lm, tokenizer, lines, steps=80, batch_size=32, lr=3e-3)
+    correct = 0
+    with torch.no_grad():
+        for i in range(10_000, 10_040):  # unseen lines
+            prompt, subject = lines(i).text.removesuffix("<|endofchunk|>").split("Output:")
+            ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(prompt + "Output:")])
+            correct += int(lm(ids)[0, -1].argmax()) == tokenizer.encode(subject)[0]
+    assert correct >= 36, f"the LM named the subject in {correct}/40 unseen lines"

@@ -3,7 +3,8 @@
 Stages (all on this machine, minutes on a 2-core CPU):
   1. vision  the demo ViT trains CLIP-style (contrastive) on shapes image/caption pairs, plus a region-phrase
              term (each shape's patches against its name), weighted up: it teaches shape kinds (train/pretrain.py)
-  2. lm      the demo LM trains on shapes text (captions and QA, no images)             (train/pretrain.py)
+  2. lm      the demo LM trains on lines that repeat a question's subject, then on shapes text (captions and
+             QA, no images) with a quarter of such lines, so it carries what is asked to the answer (train/pretrain.py)
   3. flamingo both are frozen; the real trainer (train/loop.py, train/configs/demo.toml) trains only the
              Perceiver Resampler, the gated xattn-dense layers and the 2 special-token rows, starting from
              the stage 1-2 weights (model.init_from)
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vision-lr", type=float, default=2e-3)
     parser.add_argument("--vision-region-weight", type=float, default=10.0,
                         help="weight of stage 1's region-phrase loss against its image-caption loss")
+    parser.add_argument("--lm-subject-steps", type=int, default=100,
+                        help="stage 2 first trains on subject lines alone for this many steps (train/pretrain.py)")
+    parser.add_argument("--lm-subject-every", type=int, default=4,
+                        help="then every N-th text sample is a subject line (0: none)")
     parser.add_argument("--lm-steps", type=int, default=150, help="text steps of stage 2")
     parser.add_argument("--lm-batch", type=int, default=64)
     parser.add_argument("--lm-lr", type=float, default=3e-3)
@@ -90,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     from train.data import build_tokenizer
     from train.loop import Trainer, model_config
     from train.parallel import shutdown_distributed
-    from train.pretrain import hard_negative_pairs, pretrain_language_model, pretrain_vision_contrastive
+    from train.pretrain import (hard_negative_pairs, mixed_with, pretrain_language_model, pretrain_vision_contrastive,
+                                subject_lines)
 
     console = Console()
     out = Path(args.out)
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     if args.quick:
-        args.vision_steps, args.lm_steps, args.eval_samples = 2, 2, 4
+        args.vision_steps, args.lm_steps, args.lm_subject_steps, args.eval_samples = 2, 2, 2, 4
         args.vision_batch, args.lm_batch = 8, 8
 
     base = load_config(resolve_config_path(args.config))
@@ -119,7 +125,13 @@ def main(argv: list[str] | None = None) -> int:
                                          args.vision_batch, args.vision_lr, region_weight=args.vision_region_weight,
                                          log=console.print)
     console.rule("stage 2: language model on text")
-    lm = pretrain_language_model(model.lm, tokenizer, texts.__getitem__, args.lm_steps, args.lm_batch, args.lm_lr,
+    subjects = subject_lines(args.seed)
+    lm_subjects = pretrain_language_model(model.lm, tokenizer, subjects, args.lm_subject_steps, args.lm_batch,
+                                          args.lm_lr, log=console.print)
+    text_source = texts.__getitem__
+    if args.lm_subject_every:
+        text_source = mixed_with(text_source, subjects, args.lm_subject_every)
+    lm = pretrain_language_model(model.lm, tokenizer, text_source, args.lm_steps, args.lm_batch, args.lm_lr,
                                  log=console.print)
     pretrained = out / "pretrained.safetensors"
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()
@@ -151,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         "stages": {
             "vision_contrastive": {"steps": vision.steps, "batch": args.vision_batch, "seconds": round(vision.seconds, 1),
                                    "final_loss": vision.losses[-1] if vision.losses else None},
-            "lm_text": {"steps": lm.steps, "batch": args.lm_batch, "seconds": round(lm.seconds, 1),
+            "lm_subject_lines": {"steps": lm_subjects.steps, "seconds": round(lm_subjects.seconds, 1),
+                                 "final_loss": lm_subjects.losses[-1] if lm_subjects.losses else None},
+            "lm_text": {"steps": lm.steps, "subject_every": args.lm_subject_every, "batch": args.lm_batch, "seconds": round(lm.seconds, 1),
                         "final_loss": lm.losses[-1] if lm.losses else None},
             "flamingo": {"steps": result.steps, "seconds": round(result.wall_seconds, 1), "final_loss": result.final_loss,
                          "frozen_vision_and_lm": frozen_ok, "trainable_parameters": trainer.model.parameter_counts()["trainable"],

@@ -13,7 +13,12 @@ stage the vision encoder and the LM must already be trained, then both are froze
   encoder's ~55%).
 - LM: next-token training of the decoder on the text of the training samples (captions and QA text,
   `<image>` markers removed, `<|endofchunk|>` kept), calling `model.lm` directly so the xattn layers
-  (zero-gated, i.e. the identity) cost nothing.
+  (zero-gated, i.e. the identity) cost nothing. A question's answer can't be predicted from shapes text, so
+  that text alone teaches the LM to ignore what is asked: at the answer position its states for "what colour is
+  the circle?" and "... the star?" came out 0.1-0.4% apart, and the xattn queries built from them cannot find
+  the asked shape. `subject_lines` ("Question:what shape is blue? Output:blue") make the next word depend on
+  the question's subject; trained first alone, then as a quarter of the text, they leave those states 17-65%
+  apart (last to first layer; measured 2026-11-29).
 
 Both run on one process in plain PyTorch (no FSDP): they are the small warm-up stages of the demo; the
 Flamingo stage that follows is the real trainer (train.loop).
@@ -31,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flamingo_fast.data.sample import IMAGE_TOKEN, Sample
-from flamingo_fast.data.shapes import COLOURS, KINDS, random_scene, render_scene, scene_caption
+from flamingo_fast.data.sample import CAPTION_PROMPT, EOC_TOKEN, IMAGE_TOKEN, Sample
+from flamingo_fast.data.shapes import COLOURS, KINDS, askable_questions, random_scene, render_scene, scene_caption
 from flamingo_fast.data.tokenizer import Tokenizer
 from flamingo_fast.data.transforms import ImageTransform
 from flamingo_fast.models.vision import VisionTransformer
@@ -78,6 +83,29 @@ def _optimizer_step(optimizer, schedule: WarmupCosineSchedule, params, loss: tor
 def lm_text(sample: Sample) -> str:
     """The sample's text with its image markers removed (what a text-only corpus would hold)."""
     return sample.text.replace(IMAGE_TOKEN, "")
+
+
+def subject_lines(seed: int = 0) -> Callable[[int], Sample]:
+    """Text lines that repeat a shapes question's subject after "Output:" (see the module docstring)."""
+    def line(index: int) -> Sample:
+        rng = random.Random(f"flamingo-fast/subject-lines/{seed}/{index}")
+        while True:
+            questions = askable_questions(random_scene(rng))
+            asked = [q for kind in ("colour", "shape") for q, _ in questions.get(kind, [])]
+            if asked:
+                break
+        question = rng.choice(asked)
+        subject = question.rstrip("?").split()[-1]
+        return Sample(f"Question:{question} {CAPTION_PROMPT}{subject}{EOC_TOKEN}", [], f"subject/{seed}/{index}",
+                      "interleaved")
+    return line
+
+
+def mixed_with(texts: Callable[[int], Sample], extra: Callable[[int], Sample], every: int) -> Callable[[int], Sample]:
+    """Sample i is extra(i) when i % every == 0, else texts(i)."""
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
+    return lambda index: extra(index) if index % every == 0 else texts(index)
 
 
 def pretrain_language_model(lm: nn.Module, tokenizer: Tokenizer, samples: Callable[[int], Sample], steps: int,
