@@ -1,8 +1,14 @@
 """Builds flamingo_fast._C (pybind11, via torch.utils.cpp_extension + ninja).
 
-With a CUDA build of torch and nvcc available, the CUDA sources under csrc/ are compiled for sm_90a
-(Hopper: wgmma, TMA, setmaxnreg) even when no GPU is present; TORCH_CUDA_ARCH_LIST overrides the target.
-With a CPU-only torch (or FLAMINGO_FAST_NO_CUDA=1) only the host part is built and the package still works.
+Which parts are compiled (FLAMINGO_FAST_CUDA):
+  1      the CUDA kernels too, for sm_90a (Hopper: wgmma, TMA, setmaxnreg), also on a machine without a GPU
+         (what `make test`, CI and bench/device_check.sh ask for: the kernels compile and their SASS is checked);
+         an error if torch has no CUDA or nvcc is missing
+  0      the host part only (seconds); every op then runs on the `torch` backend
+  unset  the kernels when a CUDA GPU is visible or TORCH_CUDA_ARCH_LIST is set, else the host part only: the
+         ~20 minutes of sm_90a kernels on 2 cores buy nothing on a machine that cannot run them
+TORCH_CUDA_ARCH_LIST overrides the target architecture. FLAMINGO_FAST_NO_CUDA=1 is the old spelling of
+FLAMINGO_FAST_CUDA=0.
 FLAMINGO_FAST_ATTENTION_FP16=1 also builds the fp16 attention kernels (bf16 only by default).
 The source list is a glob shared in spirit with CMakeLists.txt: both compile every file under csrc/ except
 csrc/tests/, so no list is written twice.
@@ -48,12 +54,28 @@ def _locate_cuda_home() -> None:
 
 
 def _want_cuda() -> bool:
+    """Whether to compile the CUDA kernels (see the module docstring); says why on stdout when it decides."""
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
+    choice = os.environ.get("FLAMINGO_FAST_CUDA", "").strip()
     if os.environ.get("FLAMINGO_FAST_NO_CUDA", "0") == "1":
+        choice = "0"
+    if choice not in ("", "0", "1"):
+        raise RuntimeError(f"FLAMINGO_FAST_CUDA must be 1 (build the CUDA kernels), 0 (host only) or unset, got {choice!r}")
+    toolchain = torch.version.cuda is not None and CUDA_HOME is not None
+    if choice == "1":
+        if not toolchain:
+            raise RuntimeError("FLAMINGO_FAST_CUDA=1 needs a CUDA build of torch and the CUDA toolkit (nvcc, headers); "
+                               f"found torch CUDA {torch.version.cuda}, CUDA_HOME {CUDA_HOME}")
+        return True
+    if choice == "0" or not toolchain:
         return False
-    return torch.version.cuda is not None and CUDA_HOME is not None
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.is_available():
+        return True
+    print("flamingo-fast: no CUDA GPU visible, building the host part only (set FLAMINGO_FAST_CUDA=1 to compile the "
+          "sm_90a kernels anyway)")
+    return False
 
 
 def _ext_modules():

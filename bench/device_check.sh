@@ -52,6 +52,7 @@ echo "cores $(nproc); git $(git rev-parse --short HEAD 2>/dev/null || echo unkno
 # code, and the first TORCH_CHECK that formats a number segfaults in it (seen 2026-11-28, cuda-gdb backtrace in
 # std::ostream::_M_insert<long> inside _C.so). The distribution's gcc/g++ (same 13.3) link it dynamically.
 if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CC=/usr/bin/gcc CXX=/usr/bin/g++; fi
+export FLAMINGO_FAST_CUDA=1  # the kernels, always (setup.py would also pick them with a GPU visible)
 stage "building flamingo_fast._C with ${CXX:-c++} (limit $(limit 260) s)"
 BUILD_START=$(date +%s)
 MAX_JOBS=$(nproc) run_limited "$(limit 260)" "$PY" setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1

@@ -64,7 +64,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     table.add_row("device", _device_summary())
     build = native.build_info()
     if build["available"]:
-        cuda = f"CUDA {build['cuda_version']} for {build['cuda_archs']}" if build["cuda"] else "host only (no CUDA)"
+        cuda = (f"CUDA {build['cuda_version']} for {build['cuda_archs']}" if build["cuda"] else
+                "host only: the CUDA kernels were not compiled (the default without a visible GPU; reinstall with "
+                "FLAMINGO_FAST_CUDA=1 to compile them); every op runs on the torch backend")
         table.add_row("_C build", cuda)
         table.add_row("_C functions", ", ".join(build["functions"]))
     else:

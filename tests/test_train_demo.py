@@ -29,3 +29,54 @@ def test_demo_quick_writes_summary_plot_and_weights(tmp_path):
     assert (tmp_path / "pretrained.safetensors").is_file()
     assert (tmp_path / "flamingo" / "metrics.jsonl").is_file()
     assert (tmp_path / "flamingo" / "model.safetensors").is_file()
+
+
+def _summary(seed, caption, vqa, types, met):
+    return {"seed": seed, "threads": 2, "caption_exact_match": caption, "vqa_accuracy": vqa, "wall_seconds": 400.0 + seed,
+            "vqa_by_type": {t: {"accuracy": a, "count": 40} for t, a in types.items()}, "targets_met": met}
+
+
+def test_seeds_report_takes_min_and_mean_and_checks_every_target():
+    from train.demo import seeds_report
+
+    good = [_summary(0, 0.98, 0.95, {"colour": 0.9, "count": 1.0}, True),
+            _summary(1, 0.97, 0.93, {"colour": 0.86, "count": 1.0}, True)]
+    report = seeds_report(good)
+    assert [r["seed"] for r in report["rows"]] == [0, 1]
+    assert report["rows"][1]["vqa_by_type"] == {"colour": 0.86, "count": 1.0}
+    assert report["min_mean"]["caption_exact_match"] == pytest.approx({"min": 0.97, "mean": 0.975})
+    assert report["min_mean"]["vqa_accuracy"] == pytest.approx({"min": 0.93, "mean": 0.94})
+    assert report["min_mean"]["wall_seconds"] == pytest.approx({"min": 400.0, "mean": 400.5})
+    assert report["vqa_by_type"]["colour"] == pytest.approx({"min": 0.86, "mean": 0.88})
+    assert report["targets_met"] is True and all(report["checks"].values())
+    # Each target on its own: a mean caption under 0.97, a mean VQA under 0.93, one weak question type, one run
+    # that missed its own targets.
+    low_caption = seeds_report([_summary(0, 0.96, 0.95, {"colour": 0.9}, True), _summary(1, 0.97, 0.95, {"colour": 0.9}, True)])
+    assert low_caption["checks"]["mean_caption_exact_match"] is False and low_caption["targets_met"] is False
+    low_vqa = seeds_report([_summary(0, 0.98, 0.92, {"colour": 0.9}, True), _summary(1, 0.98, 0.93, {"colour": 0.9}, True)])
+    assert low_vqa["checks"]["mean_vqa_accuracy"] is False and low_vqa["checks"]["mean_caption_exact_match"] is True
+    weak_type = seeds_report([_summary(0, 0.98, 0.95, {"colour": 0.84, "count": 1.0}, True)])
+    assert weak_type["checks"] == {"every_run": True, "mean_caption_exact_match": True, "mean_vqa_accuracy": True,
+                                   "mean_every_type": False}
+    missed = seeds_report([_summary(0, 0.98, 0.95, {"colour": 0.9}, True), _summary(1, 0.99, 0.99, {"colour": 0.9}, False)])
+    assert missed["checks"]["every_run"] is False and missed["targets_met"] is False
+
+
+@pytest.mark.parametrize("seeds", ["0,x", "1,1", ","])
+def test_seeds_option_rejects_bad_lists(seeds, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--seeds", seeds, "--out", str(tmp_path)])
+    assert "--seeds" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_seeds_runs_each_seed_in_its_own_process_and_tabulates(tmp_path):
+    assert main(["--quick", "--seeds", "3,4", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "seeds.json").read_text())
+    assert [r["seed"] for r in report["rows"]] == [3, 4]
+    for row in report["rows"]:
+        summary = json.loads((tmp_path / f"seed{row['seed']}" / "summary.json").read_text())
+        assert summary["seed"] == row["seed"]
+        assert (row["caption_exact_match"], row["vqa_accuracy"]) == (summary["caption_exact_match"], summary["vqa_accuracy"])
+    assert report["targets_met"] is False  # --quick runs never meet the targets
+    assert report["command"].endswith("--seeds 3,4") and "--quick" in report["command"] and report["cpu"]

@@ -329,3 +329,79 @@ def test_lm_pretrained_on_subject_lines_names_the_subject():
             ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(prompt + "Output:")])
             correct += int(lm(ids)[0, -1].argmax()) == tokenizer.encode(subject)[0]
     assert correct >= 36, f"the LM named the subject in {correct}/40 unseen lines"
+
+
+def test_question_subject_names_the_looked_up_word_only_for_look_up_questions():
+    from flamingo_fast.data.shapes import ShapesDataset
+    from train.pretrain import question_subject
+
+    data = ShapesDataset(split="val", n=400, seed=5, image_size=32, task="vqa")
+    seen = set()
+    for sample in data:
+        kind, question = sample.meta["question_type"], sample.meta["question"]
+        subject = question_subject(sample)
+        if kind == "colour":  # "what colour is the circle?"
+            assert subject == question.removeprefix("what colour is the ").removesuffix("?")
+        elif kind == "shape":  # "what shape is blue?"
+            assert subject == question.removeprefix("what shape is ").removesuffix("?")
+        else:
+            assert subject is None
+        seen.add(kind)
+    assert {"colour", "shape", "count"} <= seen
+    assert question_subject(ShapesDataset(split="val", n=1, seed=5, image_size=32, task="caption")[0]) is None
+
+
+def test_subject_readout_makes_the_lm_carry_the_asked_word_to_the_answer_position():
+    """The stage-2 mechanism for look-ups: trained with the subject read-out, the LM's state at the answer
+    position of unseen look-up questions (the prompt's last token, as evaluation feeds it) names the asked word
+    at every layer boundary the xattn queries are built from, after only one LM block too."""
+    from flamingo_fast.data.sample import IMAGE_TOKEN
+    from flamingo_fast.data.shapes import ShapesDataset, shapes_tokenizer
+    from train.pretrain import pretrain_language_model, question_subject
+
+    torch.manual_seed(0)
+    tokenizer = shapes_tokenizer()
+    config = FlamingoConfig.from_preset("demo", vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id,
+                                        lm={"dim": 64, "layers": 3, "heads": 1, "kv_heads": 1, "ffn_dim": 128})
+    lm = Flamingo(config).lm
+    questions = ShapesDataset(split="pretrain_text", n=10**6, seed=0, image_size=32, task="vqa")
+    result = pretrain_language_model(lm, tokenizer, questions.__getitem__, steps=60, batch_size=32, lr=3e-3,
+                                     subject_weight=1.0)
+    readouts = result.subject_readout.readouts
+    assert len(readouts) == config.lm.layers  # inputs of blocks 1..L-1 and the final state
+    unseen = [s for s in ShapesDataset(split="val", n=300, seed=1, image_size=32, task="vqa") if question_subject(s)][:60]
+    correct = [0] * len(readouts)
+    lm.eval()
+    with torch.no_grad():
+        for sample in unseen:
+            ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(sample.prompt.replace(IMAGE_TOKEN, ""))])
+            states = []
+            hidden = lm.hidden_states(lm.embed(ids), before_block=lambda i, x: (states.append(x) if i else None) or x)
+            states.append(hidden)
+            subject = tokenizer.encode(question_subject(sample))[0]
+            for k, (readout, x) in enumerate(zip(readouts, states)):
+                last = x[0, -1]
+                correct[k] += int(readout(torch.nn.functional.layer_norm(last, last.shape)).argmax()) == subject
+    assert min(correct) >= 0.9 * len(unseen), f"read-out right per boundary {correct} of {len(unseen)} unseen questions"
+    assert pretrain_language_model(lm, tokenizer, questions.__getitem__, steps=1, batch_size=4, lr=1e-3).subject_readout is None
+
+
+def test_question_weights_shift_the_drawn_question_types():
+    from collections import Counter
+
+    from flamingo_fast.data.shapes import ShapesDataset
+
+    def fractions(**kwargs):
+        data = ShapesDataset(split="train", n=1500, seed=0, image_size=32, task="vqa", **kwargs)
+        counts = Counter(s.meta["question_type"] for s in data)
+        return {t: c / len(data) for t, c in counts.items()}
+
+    uniform = fractions()
+    weighted = fractions(question_weights={"colour": 3, "shape": 2})
+    assert weighted["colour"] > 1.5 * uniform["colour"] and weighted["shape"] > uniform["shape"]
+    assert weighted["count"] < uniform["count"]
+    only_count = fractions(question_weights={"colour": 0, "shape": 0, "left": 0, "right": 0})
+    assert only_count == {"count": 1.0}  # every scene can be asked its count
+    for bad in ({"size": 1}, {"colour": -1}, {"colour": "3"}, {t: 0 for t in ("colour", "shape", "count", "left", "right")}):
+        with pytest.raises(ValueError, match="question_weights"):
+            ShapesDataset(split="train", n=1, seed=0, image_size=32, task="vqa", question_weights=bad)

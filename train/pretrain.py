@@ -16,9 +16,13 @@ stage the vision encoder and the LM must already be trained, then both are froze
   (zero-gated, i.e. the identity) cost nothing. A question's answer can't be predicted from shapes text, so
   that text alone teaches the LM to ignore what is asked: at the answer position its states for "what colour is
   the circle?" and "... the star?" came out 0.1-0.4% apart, and the xattn queries built from them cannot find
-  the asked shape. `subject_lines` ("Question:what shape is blue? Output:blue") make the next word depend on
-  the question's subject; trained first alone, then as a quarter of the text, they leave those states 17-65%
-  apart (last to first layer; measured 2026-11-29).
+  the asked shape. Two things make the LM carry the asked word there. `subject_lines` ("Question:what shape is
+  blue? Output:blue") make the next word depend on the question's subject; trained first alone, then as a
+  quarter of the text, they leave those states 17-65% apart (last to first layer; measured 2026-11-29). And the
+  subject read-out (`subject_weight`): a linear probe per layer boundary reads the asked word from the LM's
+  state at the answer position of a look-up question (the ":" of "Short answer:", the exact state every
+  xattn layer builds its query from), and its loss trains the LM; the probes are discarded afterwards. This
+  stands in for what a real LM brings from web-scale pretraining (attending back to what a question names).
 
 Both run on one process in plain PyTorch (no FSDP): they are the small warm-up stages of the demo; the
 Flamingo stage that follows is the real trainer (train.loop).
@@ -51,6 +55,8 @@ class StageResult:
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    subject_accuracy: float | None = None  # stage 2's subject read-out on its last batch (subject_weight > 0)
+    subject_readout: "SubjectProbes | None" = None  # the trained read-out (not part of the model)
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,17 +91,34 @@ def lm_text(sample: Sample) -> str:
     return sample.text.replace(IMAGE_TOKEN, "")
 
 
+# Question types whose answer is found by looking up the one shape the question names.
+LOOKUP_TYPES = ("colour", "shape")
+
+
+def _subject_word(question: str) -> str:
+    """"what colour is the circle?" -> "circle"; "what shape is blue?" -> "blue"."""
+    return question.rstrip("?").split()[-1]
+
+
+def question_subject(sample: Sample) -> str | None:
+    """The word a shapes look-up question asks about, or None for any other sample."""
+    meta = sample.meta or {}
+    if sample.task != "vqa" or meta.get("question_type") not in LOOKUP_TYPES:
+        return None
+    return _subject_word(meta["question"])
+
+
 def subject_lines(seed: int = 0) -> Callable[[int], Sample]:
     """Text lines that repeat a shapes question's subject after "Output:" (see the module docstring)."""
     def line(index: int) -> Sample:
         rng = random.Random(f"flamingo-fast/subject-lines/{seed}/{index}")
         while True:
             questions = askable_questions(random_scene(rng))
-            asked = [q for kind in ("colour", "shape") for q, _ in questions.get(kind, [])]
+            asked = [q for kind in LOOKUP_TYPES for q, _ in questions.get(kind, [])]
             if asked:
                 break
         question = rng.choice(asked)
-        subject = question.rstrip("?").split()[-1]
+        subject = _subject_word(question)
         return Sample(f"Question:{question} {CAPTION_PROMPT}{subject}{EOC_TOKEN}", [], f"subject/{seed}/{index}",
                       "interleaved")
     return line
@@ -108,29 +131,82 @@ def mixed_with(texts: Callable[[int], Sample], extra: Callable[[int], Sample], e
     return lambda index: extra(index) if index % every == 0 else texts(index)
 
 
+class SubjectProbes(nn.Module):
+    """Linear read-outs of the asked word from the LM's state at each layer boundary after the first block
+    (the inputs of blocks 1..L-1, where xattn layers build their queries, and the final state)."""
+
+    def __init__(self, dim: int, vocab_size: int, layers: int):
+        super().__init__()
+        self.readouts = nn.ModuleList(nn.Linear(dim, vocab_size) for _ in range(layers))
+
+    def loss_and_accuracy(self, states: Sequence[torch.Tensor], rows: torch.Tensor, positions: torch.Tensor,
+                          subjects: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Mean cross-entropy over boundaries of the subject ids read at (rows, positions); accuracy of the
+        last boundary's read-out."""
+        losses, logits = [], None
+        for readout, x in zip(self.readouts, states):
+            picked = x[rows, positions]
+            logits = readout(F.layer_norm(picked, picked.shape[-1:]))
+            losses.append(F.cross_entropy(logits, subjects))
+        return torch.stack(losses).mean(), (logits.argmax(-1) == subjects).float().mean().item()
+
+
+def _answer_position(tokenizer: Tokenizer, sample: Sample) -> int:
+    """Index, in [bos] + tokens(lm_text(sample)), of the prompt's last token (whose next token is the answer)."""
+    return len(tokenizer.encode(sample.prompt.replace(IMAGE_TOKEN, "")))
+
+
 def pretrain_language_model(lm: nn.Module, tokenizer: Tokenizer, samples: Callable[[int], Sample], steps: int,
                             batch_size: int, lr: float, warmup: int = 20, log: Callable[[str], None] | None = None,
-                            log_every: int = 50) -> StageResult:
-    """Train `lm` (a flamingo_fast LanguageModel) on text; `samples(i)` gives the i-th training sample."""
+                            log_every: int = 50, subject_weight: float = 0.0) -> StageResult:
+    """Train `lm` (a flamingo_fast LanguageModel) on text; `samples(i)` gives the i-th training sample. With
+    `subject_weight` > 0 the loss adds that times the subject read-out's loss on the batch's look-up questions
+    (module docstring); the result's `subject_accuracy` is then the read-out's accuracy on the last batch."""
+    if subject_weight < 0:
+        raise ValueError(f"subject_weight must be >= 0, got {subject_weight}")
     params = [p for p in lm.parameters()]
     for p in params:
         p.requires_grad_(True)
-    optimizer = _adamw(params, lr, weight_decay=0.0)
+    probes = SubjectProbes(lm.cfg.dim, lm.vocab_size, lm.cfg.layers) if subject_weight > 0 else None
+    optimizer = _adamw(params + (list(probes.parameters()) if probes else []), lr, weight_decay=0.0)
     schedule = WarmupCosineSchedule(lr=lr, min_lr=lr * 0.05, warmup=min(warmup, steps), decay=max(steps - warmup - 1, 0))
     result = StageResult("lm", steps, 0.0)
     start = time.perf_counter()
     lm.train()
     for step in range(steps):
-        rows = [[tokenizer.bos_id] + tokenizer.encode(lm_text(samples(step * batch_size + i))) for i in range(batch_size)]
+        batch = [samples(step * batch_size + i) for i in range(batch_size)]
+        rows = [[tokenizer.bos_id] + tokenizer.encode(lm_text(sample)) for sample in batch]
         ids, lengths = _pad(rows, tokenizer.pad_id)
         targets = ids[:, 1:].masked_fill(torch.arange(1, ids.shape[1])[None, :] >= lengths[:, None], -100)
-        logits = lm(ids)[:, :-1]
+        asked = [(i, _answer_position(tokenizer, sample), tokenizer.encode(subject))
+                 for i, sample in enumerate(batch) if probes is not None and (subject := question_subject(sample))]
+        states: list[torch.Tensor] = []
+        if asked:
+            def keep_block_inputs(i: int, x: torch.Tensor) -> torch.Tensor:
+                if i > 0:
+                    states.append(x)
+                return x
+            hidden = lm.hidden_states(lm.embed(ids), before_block=keep_block_inputs)
+            logits = lm.logits(hidden)[:, :-1]
+            states.append(hidden)
+        else:
+            logits = lm(ids)[:, :-1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        message = ""
+        if asked:
+            if any(len(subject) != 1 for _, _, subject in asked):
+                raise ValueError("the subject read-out needs one-token subjects; the tokenizer split one")
+            subject_loss, result.subject_accuracy = probes.loss_and_accuracy(
+                states, torch.tensor([a[0] for a in asked]), torch.tensor([a[1] for a in asked]),
+                torch.tensor([a[2][0] for a in asked]))
+            loss = loss + subject_weight * subject_loss
+            message = f"  subject read-out accuracy {result.subject_accuracy:.3f}"
         _optimizer_step(optimizer, schedule, params, loss)
         result.losses.append(loss.item())
         if log and (step % log_every == 0 or step == steps - 1):
-            log(f"lm pretraining step {step + 1}/{steps}  loss {loss.item():.4f}")
+            log(f"lm pretraining step {step + 1}/{steps}  loss {loss.item():.4f}{message}")
     result.seconds = time.perf_counter() - start
+    result.subject_readout = probes
     return result
 
 

@@ -161,9 +161,15 @@ def askable_questions(shapes: Sequence[Shape]) -> dict[str, list[tuple[str, str]
     return {t: qs for t, qs in questions.items() if qs}
 
 
-def _question(rng: random.Random, shapes: Sequence[Shape]) -> tuple[str, str, str]:
+def _question(rng: random.Random, shapes: Sequence[Shape],
+              weights: dict[str, float] | None = None) -> tuple[str, str, str]:
     askable = askable_questions(shapes)
-    question_type = rng.choice(sorted(askable))
+    types = sorted(askable)
+    chances = None if weights is None else [weights.get(t, 1.0) for t in types]
+    if chances is None or not any(chances):  # no askable type has a positive weight: uniform over the askable
+        question_type = rng.choice(types)
+    else:
+        question_type = rng.choices(types, weights=chances)[0]
     question, answer = rng.choice(askable[question_type])
     return question_type, question, answer
 
@@ -188,9 +194,12 @@ class ShapesDataset:
     Caption samples carry `references=[caption]`; VQA samples carry `answers=[answer] * 10` and
     `meta["question_type"]`. Caption and VQA samples set `loss_start` after the prompt, so
     `sample.prompt` is the evaluation prompt; interleaved samples train on all text after the first image.
+    question_weights: {question type: weight} for drawing a question's type among the scene's askable ones
+    (unlisted types weigh 1; a scene whose askable types all weigh 0 draws uniformly; default: uniform).
     """
 
-    def __init__(self, split: str = "train", n: int = 10000, seed: int = 0, image_size: int = 64, task: str = "mixed"):
+    def __init__(self, split: str = "train", n: int = 10000, seed: int = 0, image_size: int = 64, task: str = "mixed",
+                 question_weights: dict[str, float] | None = None):
         if task not in ("caption", "vqa", "interleaved", "mixed"):
             raise ValueError(f"task must be 'caption', 'vqa', 'interleaved' or 'mixed', got {task!r}")
         if not isinstance(n, int) or n < 0:
@@ -198,7 +207,17 @@ class ShapesDataset:
         if not isinstance(split, str) or not split:
             raise ValueError(f"split must be a non-empty string such as 'train' or 'val', got {split!r}")
         _check_image_size(image_size)
+        if question_weights is not None:
+            if not isinstance(question_weights, dict) or any(
+                    t not in QUESTION_TYPES or isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0
+                    for t, w in question_weights.items()):
+                raise ValueError(f"question_weights must map question types {QUESTION_TYPES} to non-negative numbers, "
+                                 f"got {question_weights!r}")
+            question_weights = {t: float(w) for t, w in question_weights.items()}
+            if not any(question_weights.get(t, 1.0) > 0 for t in QUESTION_TYPES):
+                raise ValueError(f"question_weights must leave some question type a positive weight, got {question_weights!r}")
         self.split, self.n, self.seed, self.image_size, self.task = split, n, seed, image_size, task
+        self.question_weights = question_weights
 
     def __len__(self) -> int:
         return self.n
@@ -215,7 +234,7 @@ class ShapesDataset:
             caption = scene_caption(shapes)
             text, loss_start = caption_text(caption)
             return text, loss_start, image, {"caption": caption, "scene": scene}
-        question_type, question, answer = _question(rng, shapes)
+        question_type, question, answer = _question(rng, shapes, self.question_weights)
         text, loss_start = vqa_text(question, answer)
         info = {"question": question, "answer": answer, "question_type": question_type, "scene": scene}
         return text, loss_start, image, info
@@ -258,7 +277,9 @@ class ShapesDataset:
 
 
 def shapes_dataset(
-    split: str = "train", n: int = 10000, seed: int = 0, image_size: int = 64, task: str = "mixed"
+    split: str = "train", n: int = 10000, seed: int = 0, image_size: int = 64, task: str = "mixed",
+    question_weights: dict[str, float] | None = None,
 ) -> ShapesDataset:
     """Shapes samples of one split ("train", "val", ...): see ShapesDataset."""
-    return ShapesDataset(split=split, n=n, seed=seed, image_size=image_size, task=task)
+    return ShapesDataset(split=split, n=n, seed=seed, image_size=image_size, task=task,
+                         question_weights=question_weights)
