@@ -62,10 +62,10 @@ def test_seeds_report_takes_min_and_mean_and_checks_every_target():
     assert missed["checks"]["every_run"] is False and missed["targets_met"] is False
 
 
-@pytest.mark.parametrize("seeds", ["0,x", "1,1", ","])
-def test_seeds_option_rejects_bad_lists(seeds, tmp_path, capsys):
+@pytest.mark.parametrize("argv", [["--seeds", "0,x"], ["--seeds", "1,1"], ["--seeds", ","], ["--seeds=0,1", "--seed", "2"]])
+def test_seeds_option_rejects_bad_lists(argv, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        main(["--seeds", seeds, "--out", str(tmp_path)])
+        main(argv + ["--out", str(tmp_path)])
     assert "--seeds" in capsys.readouterr().err
 
 

@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error(f"--seeds must be comma-separated integers such as 0,1,2, got {args.seeds!r}")
         if not seeds or len(set(seeds)) != len(seeds):
             build_parser().error(f"--seeds must name at least one seed, each once, got {args.seeds!r}")
+        if any(arg == "--seed" or arg.startswith("--seed=") for arg in argv):
+            build_parser().error("give either --seed (one run) or --seeds (one run per seed), not both")
         return run_seeds(seeds, Path(args.out), _without_options(argv, ("--seeds", "--seed", "--out")))
     start = time.perf_counter()
 

@@ -56,7 +56,7 @@ class StageResult:
     seconds: float
     losses: list[float] = field(default_factory=list)
     subject_accuracy: float | None = None  # stage 2's subject read-out on its last batch (subject_weight > 0)
-    subject_readout: "SubjectProbes | None" = None  # the trained read-out (not part of the model)
+    subject_readout: "SubjectReadout | None" = None  # the trained read-out (not part of the model)
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +131,7 @@ def mixed_with(texts: Callable[[int], Sample], extra: Callable[[int], Sample], e
     return lambda index: extra(index) if index % every == 0 else texts(index)
 
 
-class SubjectProbes(nn.Module):
+class SubjectReadout(nn.Module):
     """Linear read-outs of the asked word from the LM's state at each layer boundary after the first block
     (the inputs of blocks 1..L-1, where xattn layers build their queries, and the final state)."""
 
@@ -167,7 +167,7 @@ def pretrain_language_model(lm: nn.Module, tokenizer: Tokenizer, samples: Callab
     params = [p for p in lm.parameters()]
     for p in params:
         p.requires_grad_(True)
-    probes = SubjectProbes(lm.cfg.dim, lm.vocab_size, lm.cfg.layers) if subject_weight > 0 else None
+    probes = SubjectReadout(lm.cfg.dim, lm.vocab_size, lm.cfg.layers) if subject_weight > 0 else None
     optimizer = _adamw(params + (list(probes.parameters()) if probes else []), lr, weight_decay=0.0)
     schedule = WarmupCosineSchedule(lr=lr, min_lr=lr * 0.05, warmup=min(warmup, steps), decay=max(steps - warmup - 1, 0))
     result = StageResult("lm", steps, 0.0)
