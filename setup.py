@@ -54,7 +54,7 @@ def _locate_cuda_home() -> None:
 
 
 def _want_cuda() -> bool:
-    """Whether to compile the CUDA kernels (see the module docstring); says why on stdout when it decides."""
+    """Whether to compile the CUDA kernels (module docstring); prints a note when it skips them unasked."""
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
