@@ -70,15 +70,9 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
-    import platform
+    from flamingo_fast.cli import cpu_model
 
-    model = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {device_name(device).removeprefix('cpu-')}"
+    return f"{cpu_model()}, {device_name(device).removeprefix('cpu-')}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

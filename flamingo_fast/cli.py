@@ -24,6 +24,18 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else the machine type): figures are stated with it, since float
+    summation order differs between CPUs."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def _device_summary() -> str:
     import torch
 

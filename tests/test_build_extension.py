@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not built, reason=f"flamingo_fast._C is not buil
 # A host-only build is the default without a GPU (setup.py); the kernel checks run on a kernel build, and a run
 # that asked for the kernels fails if they are missing instead of skipping.
 kernels_asked = os.environ.get("FLAMINGO_FAST_CUDA") == "1"
-cuda_toolchain = torch.version.cuda is not None and shutil.which("nvcc") is not None and (
+kernel_build = torch.version.cuda is not None and shutil.which("nvcc") is not None and (
     kernels_asked or native.build_info()["cuda"])
 
 
@@ -25,7 +25,7 @@ def test_extension_reports_its_build():
     assert "plan_media_tiles" in info["functions"]
 
 
-@pytest.mark.skipif(not cuda_toolchain, reason="host-only build (CPU-only torch, no nvcc, or FLAMINGO_FAST_CUDA unset "
+@pytest.mark.skipif(not kernel_build, reason="host-only build (CPU-only torch, no nvcc, or FLAMINGO_FAST_CUDA unset "
                     "without a GPU)")
 def test_cuda_part_is_compiled_for_hopper():
     info = native.build_info()
@@ -33,7 +33,7 @@ def test_cuda_part_is_compiled_for_hopper():
     assert "sm_90a" in sass.cubin_archs()
 
 
-@pytest.mark.skipif(not cuda_toolchain, reason="no CUDA code in a host-only build")
+@pytest.mark.skipif(not kernel_build, reason="no CUDA code in a host-only build")
 def test_no_kernel_spills_or_uses_local_memory():
     kernels = sass.kernel_resources()
     assert any("plan_media_tiles_kernel" in k.name for k in kernels)
@@ -41,7 +41,7 @@ def test_no_kernel_spills_or_uses_local_memory():
     assert not offenders, f"kernels with stack/local memory (register spills): {offenders}"
 
 
-@pytest.mark.skipif(not cuda_toolchain, reason="no CUDA code in a host-only build")
+@pytest.mark.skipif(not kernel_build, reason="no CUDA code in a host-only build")
 def test_sass_is_readable_for_every_kernel():
     code = sass.kernel_sass()
     assert code and all(text.strip() for text in code.values())
@@ -61,7 +61,7 @@ def all_sass() -> dict[str, str]:
     return sass.kernel_sass()
 
 
-@pytest.mark.skipif(not cuda_toolchain, reason="no CUDA code in a host-only build")
+@pytest.mark.skipif(not kernel_build, reason="no CUDA code in a host-only build")
 def test_extension_exposes_the_kernel_entry_points():
     info = native.build_info()
     missing = [name for name in KERNEL_ENTRY_POINTS if name not in info["functions"]]
@@ -71,7 +71,7 @@ def test_extension_exposes_the_kernel_entry_points():
 
 
 @pytest.mark.slow  # disassembling every kernel of _C takes ~45 s on the 2-core machine
-@pytest.mark.skipif(not cuda_toolchain, reason="no CUDA code in a host-only build")
+@pytest.mark.skipif(not kernel_build, reason="no CUDA code in a host-only build")
 def test_every_attention_kernel_uses_wgmma_tma_and_setmaxnreg(all_sass):
     dtypes = native.build_info()["attention_dtypes"]
     for role in ATTENTION_KERNELS:

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from flamingo_fast.cli import cpu_model
+
 TARGETS = {"caption_exact_match": 0.95, "vqa_accuracy": 0.90}
 # What `--seeds` checks over its runs: every run meets TARGETS, and the means (caption, VQA, each question type)
 # meet these.
@@ -89,18 +91,6 @@ def _stage3_overrides(args, out: Path, init_from: Path) -> list[str]:
         # bf16 compute through FSDP's mixed precision: the fused Hopper kernels take bf16 only.
         overrides += ["--parallel.fsdp=true", "--parallel.param_dtype=bfloat16", "--parallel.reduce_dtype=float32"]
     return overrides
-
-
-def cpu_model() -> str:
-    """The CPU's model name (what a figure must be stated with: float summation order differs between CPUs)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,6 +151,13 @@ class SubjectReadout(nn.Module):
         return torch.stack(losses).mean(), (logits.argmax(-1) == subjects).float().mean().item()
 
 
+def _one_token(tokenizer: Tokenizer, word: str) -> int:
+    ids = tokenizer.encode(word)
+    if len(ids) != 1:
+        raise ValueError(f"the subject read-out needs one-token subjects; the tokenizer splits {word!r} into {ids}")
+    return ids[0]
+
+
 def _answer_position(tokenizer: Tokenizer, sample: Sample) -> int:
     """Index, in [bos] + tokens(lm_text(sample)), of the prompt's last token (whose next token is the answer)."""
     return len(tokenizer.encode(sample.prompt.replace(IMAGE_TOKEN, "")))
@@ -178,27 +185,23 @@ def pretrain_language_model(lm: nn.Module, tokenizer: Tokenizer, samples: Callab
         rows = [[tokenizer.bos_id] + tokenizer.encode(lm_text(sample)) for sample in batch]
         ids, lengths = _pad(rows, tokenizer.pad_id)
         targets = ids[:, 1:].masked_fill(torch.arange(1, ids.shape[1])[None, :] >= lengths[:, None], -100)
-        asked = [(i, _answer_position(tokenizer, sample), tokenizer.encode(subject))
+        asked = [(i, _answer_position(tokenizer, sample), _one_token(tokenizer, subject))
                  for i, sample in enumerate(batch) if probes is not None and (subject := question_subject(sample))]
-        states: list[torch.Tensor] = []
-        if asked:
-            def keep_block_inputs(i: int, x: torch.Tensor) -> torch.Tensor:
-                if i > 0:
-                    states.append(x)
-                return x
-            hidden = lm.hidden_states(lm.embed(ids), before_block=keep_block_inputs)
-            logits = lm.logits(hidden)[:, :-1]
-            states.append(hidden)
-        else:
-            logits = lm(ids)[:, :-1]
+        states: list[torch.Tensor] = []  # the inputs of blocks 1..L-1, then the final state (SubjectReadout)
+
+        def keep_block_inputs(i: int, x: torch.Tensor) -> torch.Tensor:
+            if i > 0:
+                states.append(x)
+            return x
+
+        hidden = lm.hidden_states(lm.embed(ids), before_block=keep_block_inputs if asked else None)
+        states.append(hidden)
+        logits = lm.logits(hidden)[:, :-1]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         message = ""
         if asked:
-            if any(len(subject) != 1 for _, _, subject in asked):
-                raise ValueError("the subject read-out needs one-token subjects; the tokenizer split one")
-            subject_loss, result.subject_accuracy = probes.loss_and_accuracy(
-                states, torch.tensor([a[0] for a in asked]), torch.tensor([a[1] for a in asked]),
-                torch.tensor([a[2][0] for a in asked]))
+            asked_rows, positions, subjects = (torch.tensor(column) for column in zip(*asked))
+            subject_loss, result.subject_accuracy = probes.loss_and_accuracy(states, asked_rows, positions, subjects)
             loss = loss + subject_weight * subject_loss
             message = f"  subject read-out accuracy {result.subject_accuracy:.3f}"
         _optimizer_step(optimizer, schedule, params, loss)
