@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error(f"--seeds must name at least one seed, each once, got {args.seeds!r}")
         if any(arg == "--seed" or arg.startswith("--seed=") for arg in argv):
             build_parser().error("give either --seed (one run) or --seeds (one run per seed), not both")
-        return run_seeds(seeds, Path(args.out), _without_options(argv, ("--seeds", "--seed", "--out")))
+        return run_seeds(seeds, Path(args.out), _without_options(argv, ("--seeds", "--out")))
     start = time.perf_counter()
 
     import torch
