@@ -15,13 +15,19 @@ from typing import Optional
 import torch
 
 from bench.cases import OPS, last_case_per_op, select_cases
+from bench.e2e import COMPILED as E2E_COMPILED
+from bench.e2e import MODELS as E2E_MODELS
+from bench.e2e import SHAPES as E2E_SHAPES
+from bench.e2e import VARIANTS as E2E_VARIANTS
 from bench.flops import DIRECTIONS
 from bench.harness import DTYPE_NAMES, Row, Settings, bench_case, fill_best_peer, measure_peaks, select_impls
 from bench.impls import IMPL_NAMES
+from flamingo_fast.models.compile import COMPILE_MODES
 
 E2E_OP = "train_step"
 GENERATE_OP = "generate"
-ALL_OPS = OPS + (E2E_OP, GENERATE_OP)
+DATA_OP = "data"
+ALL_OPS = OPS + (E2E_OP, GENERATE_OP, DATA_OP)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -40,10 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write DIR/<date>-<device>.json, .md (summary) and .png (e.g. bench/results)")
     parser.add_argument("--ops", nargs="+", choices=ALL_OPS, default=list(ALL_OPS),
                         help="ops to run (train_step = the end-to-end training step; generate = greedy decoding "
-                             "with the media K/V cached vs recomputed every step, as OpenFlamingo does)")
+                             "with the media K/V cached vs recomputed every step, as OpenFlamingo does; data = "
+                             "WebDataset samples/s per decode worker)")
     parser.add_argument("--impls", nargs="+", choices=IMPL_NAMES, default=None,
-                        help="implementations to run (default: all); train_step uses torch, compile, cuda; "
-                             "generate uses torch")
+                        help="implementations of the attention ops to run (default: all); generate uses torch")
+    parser.add_argument("--variants", nargs="+", choices=E2E_VARIANTS, default=None,
+                        help="train_step variants (default: all; on CPU the compiled ones only when named here)")
+    parser.add_argument("--models", nargs="+", choices=tuple(E2E_MODELS), default=None,
+                        help="train_step models (default: all on CUDA, demo on CPU)")
+    parser.add_argument("--shapes", nargs="+", choices=tuple(E2E_SHAPES), default=None,
+                        help="train_step shapes: pairs (32 tokens, 1 image), m3w (256, 5), long (2048, 8); "
+                             "default: all")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="regional",
+                        help="train_step compiled variants: per repeated block (default) or the whole model")
     parser.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS))
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when a GPU is visible, else cpu")
@@ -104,18 +119,19 @@ def _console(stderr: bool = False):
 
 def _run(args, device: torch.device, dtype: torch.dtype, argv) -> int:
     from bench import report
-    from bench.e2e import VARIANTS, bench_e2e
+    from bench.e2e import bench_e2e
     from bench.generation import IMPL as GENERATE_IMPL
     from bench.generation import bench_generation
 
-    explicit_compiled = bool(args.impls) and any(n in args.impls for n in ("compile", "flex"))
+    explicit_compiled = ((bool(args.impls) and any(n in args.impls for n in ("compile", "flex")))
+                         or bool(args.variants and set(args.variants) & set(E2E_COMPILED)))
     kernel_ops = tuple(op for op in args.ops if op in OPS)
     cases, case_note = select_cases(device.type, args.quick, kernel_ops)
     settings = Settings(
         device=device, dtype=dtype,
         min_time_s=args.min_time if args.min_time is not None else (0.2 if args.quick else 0.5),
         seed=args.seed, skip_compiled=args.quick and not explicit_compiled,
-        skip_model_compile=device.type == "cpu" and not (args.impls and "compile" in args.impls),
+        skip_model_compile=device.type == "cpu" and not (args.variants and set(args.variants) & set(E2E_COMPILED)),
         compiled_cases=(last_case_per_op(cases) if device.type == "cpu" and not args.quick and not explicit_compiled
                         else None),
         device_name=args.device_name or device_name(device), threads=torch.get_num_threads(),
@@ -143,10 +159,15 @@ def _run(args, device: torch.device, dtype: torch.dtype, argv) -> int:
         for direction in args.directions:
             rows += bench_case(case, direction, impls, settings, peaks, on_row=progress)
     if E2E_OP in args.ops:
-        variants = tuple(v for v in VARIANTS if args.impls is None or v in args.impls)
-        rows += bench_e2e(settings, peaks, args.quick, variants, on_row=progress)
+        variants = tuple(args.variants or E2E_VARIANTS)
+        rows += bench_e2e(settings, peaks, args.quick, variants, on_row=progress, models=args.models,
+                          shapes=args.shapes, compile_mode=args.compile_mode)
     if GENERATE_OP in args.ops and (args.impls is None or GENERATE_IMPL in args.impls):
         rows += bench_generation(settings, args.quick, on_row=progress)
+    if DATA_OP in args.ops:
+        from bench.data_path import bench_data
+
+        rows += bench_data(settings, args.quick, on_row=progress)
     fill_best_peer(rows)
 
     note = f"  ({case_note})" if case_note else ""
@@ -154,6 +175,7 @@ def _run(args, device: torch.device, dtype: torch.dtype, argv) -> int:
     targets = report.media_targets(rows)
     report.print_targets(targets, out)
     report.print_generation(report.generation_ratios(rows), out)
+    report.print_step_ratios(report.train_step_ratios(rows), out)
     log.print(f"[dim]done in {time.perf_counter() - started:.0f} s[/dim]")
 
     if args.json:

@@ -96,6 +96,10 @@ class Row:
     tokens_per_s: Optional[float] = None
     mfu: Optional[float] = None
     peak_mem_mb: Optional[float] = None
+    compile_s: Optional[float] = None  # first step's wall time less a steady step (compiled variants)
+    activation_mb: Optional[float] = None  # memory one forward keeps for the backward (eager variants)
+    # data rows only
+    samples_per_s: Optional[float] = None
 
     def to_dict(self) -> dict:
         return asdict(self)

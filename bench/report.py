@@ -56,6 +56,9 @@ def print_tables(rows: list[Row], console, peaks=None, title_note: str = "") -> 
         )
     for op in dict.fromkeys(r.op for r in rows):
         op_rows = [r for r in rows if r.op == op]
+        if op == "data":
+            _print_data_table(op_rows, console)
+            continue
         e2e = op in MODEL_OPS
         first = op_rows[0]
         table = Table(title=f"{op}  [{first.device}, {first.dtype}, {first.threads or '-'} threads]{title_note}",
@@ -66,6 +69,8 @@ def print_tables(rows: list[Row], console, peaks=None, title_note: str = "") -> 
             table.add_column("tokens/s", justify="right")
             table.add_column("MFU", justify="right")
             table.add_column("peak MiB", justify="right")
+            table.add_column("compile s", justify="right")
+            table.add_column("act. MiB", justify="right")
         else:
             table.add_column("GB/s", justify="right")
             table.add_column("% roofline", justify="right")
@@ -78,7 +83,8 @@ def print_tables(rows: list[Row], console, peaks=None, title_note: str = "") -> 
             if previous is not None and group != previous:
                 table.add_section()
             previous = group
-            rates = ([_sig(row.tokens_per_s), _pct(row.mfu), _sig(row.peak_mem_mb)] if e2e
+            rates = ([_sig(row.tokens_per_s), _pct(row.mfu), _sig(row.peak_mem_mb), _sig(row.compile_s),
+                      _sig(row.activation_mb)] if e2e
                      else [_sig(row.gbps), _peak(row)])
             status = row.status
             if row.note:
@@ -91,6 +97,19 @@ def print_tables(rows: list[Row], console, peaks=None, title_note: str = "") -> 
         console.print(table)
         for note, number in notes.items():
             console.print(f"  [{number}] {note}", markup=False, highlight=False)
+
+
+def _print_data_table(rows: list[Row], console) -> None:
+    from rich.table import Table
+
+    first = rows[0]
+    table = Table(title=f"data: WebDataset path, decode + resize + tokenize + collate  [{first.device}]",
+                  title_justify="left")
+    for column in ("case", "impl", "ms / batch", "samples/s"):
+        table.add_column(column, justify="right" if column[0] in "ms" and column != "case" else "left")
+    for row in rows:
+        table.add_row(row.case, row.impl, _sig(row.ms), _sig(row.samples_per_s))
+    console.print(table)
 
 
 def _pct(value: Optional[float]) -> str:
@@ -141,6 +160,26 @@ def generation_ratios(rows: Iterable[Row]) -> list[dict]:
     return results
 
 
+def train_step_ratios(rows: list[Row]) -> list[dict]:
+    """Per case, from the same run: compile+cuda's speedup over compile, torch and openflamingo, and
+    compile's over torch and torch's over openflamingo (None where a side was not timed)."""
+    by_case: dict[str, dict[str, Row]] = {}
+    for row in rows:
+        if row.op == "train_step":
+            by_case.setdefault(row.case, {})[row.impl] = row
+    pairs = (("compile+cuda", "compile"), ("compile+cuda", "torch"), ("compile+cuda", "openflamingo"),
+             ("compile+cuda+fp8", "compile+cuda"), ("compile", "torch"), ("torch", "openflamingo"),
+             ("compile", "openflamingo"), ("torch+sac", "torch"), ("torch+ac", "torch"))
+    results = []
+    for case, impls in by_case.items():
+        result = {"case": case}
+        for fast, slow in pairs:
+            a, b = impls.get(fast), impls.get(slow)
+            result[f"{fast} vs {slow}"] = b.ms / a.ms if a and b and a.ms and b.ms else None
+        results.append(result)
+    return results
+
+
 def _times(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -152,6 +191,14 @@ def print_generation(ratios: list[dict], console) -> None:
             f"(OpenFlamingo) {_sig(r['recompute_tokens_per_s'])} -> cache {_times(r['recompute_ratio'])} faster; "
             f"images re-encoded every step {_sig(r['reencode_tokens_per_s'])} -> {_times(r['reencode_ratio'])}"
         )
+
+
+def print_step_ratios(ratios: list[dict], console) -> None:
+    """train_step: same-run speedups per case (only the pairs where both sides were timed)."""
+    for r in ratios:
+        timed = [f"{pair} {value:.2f}x" for pair, value in r.items() if pair != "case" and value is not None]
+        if timed:
+            console.print(f"train_step {r['case']}: " + "; ".join(timed))
 
 
 def print_targets(targets: list[dict], console) -> None:
@@ -261,11 +308,31 @@ def markdown_summary(rows: list[Row], meta: dict, targets: list[dict]) -> str:
                   f"{_times(r['recompute_ratio'])} | {_sig(r['reencode_tokens_per_s'])} | "
                   f"{_times(r['reencode_ratio'])} |" for r in ratios]
         lines.append("")
+    step_ratios = train_step_ratios(rows)
+    if any(len([v for k, v in r.items() if k != "case" and v is not None]) for r in step_ratios):
+        lines += ["## train_step: same-run speedups", ""]
+        for r in step_ratios:
+            timed = [f"{pair} **{value:.2f}x**" for pair, value in r.items() if pair != "case" and value is not None]
+            if timed:
+                lines.append(f"- {r['case']}: " + "; ".join(timed))
+        lines.append("")
+        lines += ["| case | impl | ms | tokens/s | MFU | peak MiB | compile s | activation MiB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r.case} | {r.impl} | {_sig(r.ms)} | {_sig(r.tokens_per_s)} | {_pct(r.mfu)} | "
+                  f"{_sig(r.peak_mem_mb)} | {_sig(r.compile_s)} | {_sig(r.activation_mb)} |"
+                  for r in rows if r.op == "train_step" and r.ms]
+        lines.append("")
+    data = [r for r in rows if r.op == "data" and r.ms]
+    if data:
+        lines += ["## data: WebDataset path (decode + resize + tokenize + collate)", "",
+                  "| case | impl | ms / batch | samples/s |", "|---|---|---|---|"]
+        lines += [f"| {r.case} | {r.impl} | {_sig(r.ms)} | {_sig(r.samples_per_s)} |" for r in data]
+        lines.append("")
     lines += ["## Timed rows", "",
               "| op | case | dir | impl | ms | TFLOP/s | GB/s | % roofline | rel err | vs best peer |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r.ms is None:
+        if r.ms is None or r.op == "data":
             continue
         rate = _pct(r.mfu) + " MFU" if r.op == "train_step" else _peak(r)
         lines.append(f"| {r.op} | {r.case} | {r.direction} | {r.impl} | {_sig(r.ms)} | {_sig(r.tflops)} | "

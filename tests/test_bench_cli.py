@@ -8,6 +8,7 @@ import pytest
 
 import bench
 from bench.cases import OPS
+from bench.e2e import VARIANTS as E2E_VARIANTS
 from bench.impls import IMPL_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,11 +38,15 @@ def test_quick_json_schema(quick_run):
         for name, kind in PUBLIC_FIELDS.items():
             assert name in row, name
             assert isinstance(row[name], kind), (name, row[name])
-        assert row["impl"] in IMPL_NAMES
+        names = {"train_step": E2E_VARIANTS, "data": ("workers=0",)}.get(row["op"], IMPL_NAMES)
+        assert row["impl"] in names, row
         assert row["direction"] in ("fwd", "fwd+bwd")
         if row["ms"] is not None:  # timed rows passed the correctness gate and carry their rates
             assert row["available"] and row["status"] == "ok"
-            assert row["ms"] > 0 and row["tflops"] > 0 and row["rel_err"] <= row["tolerance"]
+            if row["op"] == "data":  # throughput only: no FLOPs, no oracle
+                assert row["ms"] > 0 and row["samples_per_s"] > 0
+            else:
+                assert row["ms"] > 0 and row["tflops"] > 0 and row["rel_err"] <= row["tolerance"]
         else:
             assert row["note"], row  # every untimed row says why
 
@@ -61,7 +66,7 @@ def test_quick_covers_every_op_and_both_directions(quick_run):
 @pytest.mark.slow
 def test_gpu_rows_are_unavailable_with_a_reason_on_cpu(quick_run):
     _, rows = quick_run
-    gpu_rows = [r for r in rows if r["impl"] in GPU_ONLY or r["case"].startswith("1b ")]
+    gpu_rows = [r for r in rows if r["impl"] in GPU_ONLY + ("compile+cuda", "compile+cuda+fp8")]
     assert len(gpu_rows) >= 3 * len(OPS)
     for row in gpu_rows:
         assert row["available"] is False and row["ms"] is None and row["note"], row

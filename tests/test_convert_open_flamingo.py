@@ -2,37 +2,20 @@
 the installed package's source) against ours after `from_open_flamingo`, media masking included, plus the
 whole OpenFlamingo model (tiny HF Llama inside) against ours, logits and greedy generation."""
 
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 
 import pytest
 import torch
 import transformers  # dev extra: these parity tests must run in CI, so no importorskip
 
+from bench.openflamingo_model import VisualTower, open_flamingo_src
 from flamingo_fast.convert import CheckpointKeyError, from_open_flamingo, open_flamingo_config
 from flamingo_fast.convert.open_flamingo import open_flamingo_layer_ids
 from flamingo_fast.models import Flamingo, LMConfig, VisionConfig
 from flamingo_fast.models.generate import generate
 
 
-def _open_flamingo_src():
-    """open_flamingo/src as a package, without open_flamingo/__init__.py (which imports open_clip)."""
-    if "of_src" in sys.modules:
-        return sys.modules["of_src"]
-    spec = importlib.util.find_spec("open_flamingo")
-    if spec is None:
-        raise ImportError("open-flamingo is a dev dependency: pip install --no-deps open-flamingo einops einops-exts")
-    src = Path(spec.submodule_search_locations[0]) / "src"
-    package_spec = importlib.util.spec_from_file_location("of_src", src / "__init__.py",
-                                                          submodule_search_locations=[str(src)])
-    package = importlib.util.module_from_spec(package_spec)
-    sys.modules["of_src"] = package
-    package_spec.loader.exec_module(package)
-    return package
-
-
-OF = _open_flamingo_src()
+OF = open_flamingo_src()
 of_helpers = importlib.import_module("of_src.helpers")
 
 BASE = 40  # LM base vocabulary; OpenFlamingo ids: <|endofchunk|> 40, <image> 41, <PAD> 42
@@ -178,17 +161,6 @@ def test_key_errors_and_placement(tmp_path):
 
 
 # -- the whole model -------------------------------------------------------------------------------------------
-class _Visual(torch.nn.Module):
-    """Stands in for open_clip's visual tower (OpenFlamingo calls `vision_encoder.visual(x)[1]`)."""
-
-    def __init__(self, vit):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, x):
-        return None, self.vit(x)
-
-
 def _open_flamingo_model(cfg, seed=0):
     flamingo_lm = importlib.import_module("of_src.flamingo_lm")
     of_flamingo = importlib.import_module("of_src.flamingo")
@@ -203,7 +175,7 @@ def _open_flamingo_model(cfg, seed=0):
     lang.resize_token_embeddings(BASE + 3)  # <|endofchunk|>, <image>, <PAD> as the factory adds them
     vit = Flamingo(cfg).vision  # our ViT (with OpenFlamingo's feature choice) as the frozen encoder
     holder = torch.nn.Module()
-    holder.visual = _Visual(vit)
+    holder.visual = VisualTower(vit)
     model = of_flamingo.Flamingo(holder, lang, eoc_token_id=OF_EOC, media_token_id=OF_IMAGE, vis_dim=WIDTH,
                                  cross_attn_every_n_layers=cfg.xattn.every)
     model.perceiver = of_helpers.PerceiverResampler(dim=WIDTH, depth=2, num_latents=8)

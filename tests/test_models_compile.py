@@ -75,3 +75,44 @@ def test_compile_fullgraph_inductor_matches_eager_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compile_fullgraph_inductor_matches_eager_cuda():
     check_compiled_matches_eager("inductor", "cuda")
+
+
+# -- regional compilation (flamingo_fast.models.compile, the trainer's and the bench's default) -------------------
+def test_regional_compile_shares_one_graph_per_block_kind_and_matches_eager():
+    from torch._dynamo.utils import counters
+
+    from flamingo_fast.models.compile import compile_model
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, ids, images, labels = setup()
+    assert model.cfg.lm.layers == 2 and model.cfg.xattn_layer_ids == [0, 1]
+    eager_out, eager_grads = run(model, model, ids, images, labels)
+    names = list(model.state_dict())
+    compile_model(model, "regional", backend="eager", fullgraph=True)
+    assert list(model.state_dict()) == names  # checkpoints stay portable
+    out, grads = run(model, model, ids, images, labels)
+    # 2 LM blocks and 2 xattn layers (identical kinds) share a graph each: vision block, resampler, xattn, LM.
+    assert counters["stats"]["unique_graphs"] == 4
+    torch.testing.assert_close(out.loss, eager_out.loss, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_whole_compile_is_one_graph_and_unknown_modes_are_refused():
+    from torch._dynamo.utils import counters
+
+    from flamingo_fast.models.compile import compile_model
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, ids, images, labels = setup()
+    eager_out, _ = run(model, model, ids, images, labels)
+    compile_model(model, "whole", backend="eager", fullgraph=True)
+    out, _ = run(model, model, ids, images, labels)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(out.loss, eager_out.loss, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        compile_model(model, "blocks")
+    with pytest.raises(TypeError, match="shard_units"):
+        compile_model(torch.nn.Linear(2, 2), "regional")

@@ -64,6 +64,27 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert trainer.skipped_steps == 4
 
 
+def test_data_wait_is_the_time_blocked_on_the_loader(tmp_path):
+    import time
+
+    class SlowLoader:  # the real pipeline, 40 ms late with every micro-batch
+        def __init__(self, inner):
+            self.inner, self.skipped = inner, inner.skipped
+
+        def __iter__(self):
+            for batch in self.inner:
+                time.sleep(0.04)
+                yield batch
+
+    cfg = tiny(tmp_path, "--train.steps=2", "--train.log_every=1", "--checkpoint.save_final=false",
+               "--eval.at_end=false")
+    trainer = Trainer(cfg)
+    trainer.loader = SlowLoader(trainer.loader)
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["data_wait_ms"] >= 40 * trainer.accumulation for r in records)
+
+
 def test_run_writes_metrics_jsonl_and_checkpoints(tmp_path):
     cfg = tiny(tmp_path, "--train.steps=3", "--train.log_every=1", "--checkpoint.every=2", "--eval.at_end=true",
                "--checkpoint.export_safetensors=true")
@@ -72,7 +93,7 @@ def test_run_writes_metrics_jsonl_and_checkpoints(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     for record in records:
-        for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped", "mem_gib"):
+        for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped", "mem_gib", "data_wait_ms"):
             assert key in record, key
         assert record["loss"] > 0 and record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1
     assert [r["lr"] for r in records] == pytest.approx([cfg.optim.lr / 2, cfg.optim.lr, cfg.optim.min_lr])

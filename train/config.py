@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flamingo_fast.models.compile import COMPILE_MODES
 from flamingo_fast.models.config import TRAINABLE_MODES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -92,7 +93,11 @@ class ParallelSection:
     param_dtype: str = "bfloat16"
     reduce_dtype: str = "float32"
     activation_checkpoint: str = "none"  # "none" | "selective" (save matmul/attention outputs) | "full"
-    compile: bool = False  # torch.compile each block
+    compile: bool = False  # torch.compile the model
+    compile_mode: str = "regional"  # "regional": each repeated block once (identical blocks share it) | "whole"
+    # torchao float8 training for the frozen LM blocks' Linear layers (forward and input-gradient matmuls);
+    # needs a GPU with float8 matmuls (Hopper) and torchao, and fails rather than fall back to bf16.
+    float8: bool = False
     # Force an ops backend for every op ("cuda" | "torch" | "reference"): sets FLAMINGO_FAST_BACKEND.
     # Empty: automatic (the fused kernels where supported, e.g. bf16 on Hopper).
     ops_backend: str = ""
@@ -151,6 +156,8 @@ class TrainConfig:
                              "parallel.fsdp=false set both to 'float32'")
         if self.parallel.ops_backend not in ("", "cuda", "torch", "reference"):
             raise ValueError(f"parallel.ops_backend must be '', 'cuda', 'torch' or 'reference', got {self.parallel.ops_backend!r}")
+        if self.parallel.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"parallel.compile_mode must be one of {COMPILE_MODES}, got {self.parallel.compile_mode!r}")
         if self.parallel.dist_backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"parallel.dist_backend must be 'auto', 'nccl' or 'gloo', got {self.parallel.dist_backend!r}")
         positive = {

@@ -101,7 +101,7 @@ def build_model(cfg: TrainConfig, mcfg: FlamingoConfig, info: DistInfo) -> nn.Mo
         with torch.device("meta"):
             model = Flamingo(mcfg)
         model.set_trainable(cfg.model.trainable)
-        parallelize(model, cfg.parallel, info.mesh)
+        parallelize(model, cfg.parallel, info.mesh, info.device)
         model.to_empty(device=info.device)
         init_weights(model)
         if cfg.model.init_from:
@@ -113,7 +113,7 @@ def build_model(cfg: TrainConfig, mcfg: FlamingoConfig, info: DistInfo) -> nn.Mo
         load_model_weights(model, cfg.model.init_from)
     model.set_trainable(cfg.model.trainable)
     model.to(info.device)
-    return parallelize(model, cfg.parallel, info.mesh)
+    return parallelize(model, cfg.parallel, info.mesh, info.device)
 
 
 # -- the trainer ------------------------------------------------------------------------------------------------
@@ -307,13 +307,17 @@ class Trainer:
         progress = _progress(self.console) if (self.info.is_main and cfg.train.progress and self.console) else None
         task = progress.add_task("train", total=self.total_steps, completed=self.step) if progress else None
         iterator = iter(self.loader)
-        window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+        window_tokens, window_flops, window_wait, window_steps, window_start = 0, 0.0, 0.0, 0, time.perf_counter()
         last = None
         try:
             if progress:
                 progress.start()
             while self.step < self.total_steps:
+                # Time blocked on the data pipeline: above ~0 the GPU starves (add data.num_workers).
+                wait_start = time.perf_counter()
                 micro = [next(iterator) for _ in range(self.accumulation)]
+                window_wait += time.perf_counter() - wait_start
+                window_steps += 1
                 result = self.train_step(micro)
                 last = result
                 window_tokens += result.input_tokens
@@ -331,12 +335,14 @@ class Trainer:
                         "grad_norm": result.grad_norm, "tokens_per_s": window_tokens / elapsed,
                         "mfu": (window_flops / elapsed / self.peak_flops) if self.peak_flops else None,
                         "tflops": window_flops / elapsed / 1e12, "label_tokens": result.label_tokens,
+                        "data_wait_ms": 1e3 * window_wait / max(window_steps, 1),
                         "skipped": self.skipped_steps, "data_skipped": sum(self.loader.skipped.values()),
                         **({"epoch": (self.step - 1) // self.steps_per_epoch + 1} if self.steps_per_epoch else {}),
                         **memory_stats(self.info.device),
                     }
                     metrics.log(record)
-                    window_tokens, window_flops, window_start = 0, 0.0, time.perf_counter()
+                    window_tokens, window_flops, window_wait, window_steps = 0, 0.0, 0.0, 0
+                    window_start = time.perf_counter()
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
                 if self.steps_per_epoch and self.step % self.steps_per_epoch == 0 and cfg.eval.every_epoch:

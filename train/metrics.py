@@ -137,35 +137,41 @@ class FlopCounter:
         self.lm_block_params = _linear_params(lm.layers)
         self.head_flops_per_token = rate(lm.lm_head) * lm.lm_head.weight.numel() + \
             rate(lm.special_head) * lm.special_head.weight.numel()
+        self.head_params = lm.lm_head.weight.numel() + lm.special_head.weight.numel()
         self.lm_inner = cfg.lm.heads * cfg.lm.head_dim
         self.lm_layers = cfg.lm.layers
 
-    def flops(self, shape: BatchShape) -> float:
-        """Forward + backward FLOPs of one micro-batch."""
-        attn_mult = 3  # forward + backward for attention whose inputs need gradients
+    def flops(self, shape: BatchShape, backward: bool = True) -> float:
+        """FLOPs of one micro-batch: forward + backward, or the forward alone (backward=False: every
+        weight costs 2 per token it sees, every attention its forward once)."""
+        if backward:
+            attn_mult = 3  # forward + backward for attention whose inputs need gradients
+            vision_rate, rs_rate, xattn_rate = self.vision_rate, self.resampler_rate, self.xattn_rate
+            lm_rate, head_per_token = self.lm_block_rate, self.head_flops_per_token
+        else:
+            attn_mult, vision_rate, rs_rate, xattn_rate, lm_rate = 1, 2, 2, 2, 2
+            head_per_token = 2 * self.head_params
         total = 0.0
         # Vision encoder, per frame.
         vision_attn = 4 * self.vision_tokens**2 * self.cfg.vision.width * self.cfg.vision.layers
-        total += shape.frames * (self.vision_rate * (self.vision_block_params * self.vision_tokens
-                                                     + self.embedding_macs)
-                                 + (attn_mult if self.vision_rate > 2 else 1) * vision_attn)
+        total += shape.frames * (vision_rate * (self.vision_block_params * self.vision_tokens + self.embedding_macs)
+                                 + (attn_mult if vision_rate > 2 else 1) * vision_attn)
         # Perceiver Resampler, per media item (its F frames are flattened into one key sequence).
         frames_per_item = shape.frames / max(shape.media_items, 1)
         kv_len = frames_per_item * self.vision_features + self.n_latents
-        rs_rate = self.resampler_rate
         rs_mult = attn_mult if rs_rate > 2 else 1
         total += shape.media_items * (
             rs_rate * (self.media_proj_params * frames_per_item * self.vision_features
                        + self.resampler_q_out_ffw * self.n_latents + self.resampler_kv * kv_len)
             + rs_mult * 4 * self.n_latents * kv_len * self.resampler_inner * self.cfg.resampler.depth)
         # Gated xattn-dense layers.
-        total += self.xattn_rate * (self.xattn_text_params * shape.text_tokens
-                                    + self.xattn_kv_params * shape.media_items * self.n_latents)
+        total += xattn_rate * (self.xattn_text_params * shape.text_tokens
+                               + self.xattn_kv_params * shape.media_items * self.n_latents)
         total += attn_mult * 4 * shape.media_tokens * self.n_latents * self.xattn_inner * self.num_xattn
         # LM blocks (causal self-attention: half of the full score matrix) and the output head.
-        total += self.lm_block_rate * self.lm_block_params * shape.text_tokens
+        total += lm_rate * self.lm_block_params * shape.text_tokens
         total += attn_mult * 2 * shape.text_tokens_sq * self.lm_inner * self.lm_layers
-        total += self.head_flops_per_token * shape.text_tokens
+        total += head_per_token * shape.text_tokens
         return total
 
 
@@ -195,7 +201,7 @@ def _format(value: Any) -> str:
 class MetricsLogger:
     """Appends one JSON object per logged step to `metrics.jsonl` and prints a console line (rank 0)."""
 
-    CONSOLE_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gib", "skipped")
+    CONSOLE_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_ms", "mem_gib", "skipped")
 
     def __init__(self, out_dir: str | Path, enabled: bool, console=None, resume_step: int | None = None):
         """resume_step: continue an existing file, dropping records after that step (logged by the run

@@ -1,7 +1,9 @@
 """Process group, FSDP2 wrapping, per-block activation checkpointing and per-block torch.compile.
 
-Order (as in torchtitan): activation checkpointing, then compile, then FSDP. All three work per block,
-using `Flamingo.shard_units()`: each vision block, the resampler, each LM block together with the
+Order (as in torchtitan): float8 conversion (optional), activation checkpointing, then compile, then FSDP.
+All three work per block (regional compilation: identical blocks share one compiled graph; with
+`parallel.compile_mode = "whole"` the root is compiled after FSDP instead), using `Flamingo.shard_units()`:
+each vision block, the resampler, each LM block together with the
 gated xattn layer that runs right before it; then the root (embeddings, norms, heads, vision stem) gets
 its own `fully_shard`. Frozen and trainable parameters share units: FSDP2 reduce-scatters gradients only
 for parameters that require them.
@@ -24,6 +26,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from flamingo_fast.models.compile import compile_model
+from flamingo_fast.models.float8 import convert_frozen_lm_to_float8
 from train.config import ParallelSection
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,15 +141,22 @@ def shard_units(model: nn.Module) -> list[list[nn.Module]]:
     return model.shard_units()
 
 
-def parallelize(model: nn.Module, cfg: ParallelSection, mesh: DeviceMesh | None) -> nn.Module:
-    """Apply AC, compile and FSDP2 to `model` in place (see the module docstring); returns it."""
+def parallelize(model: nn.Module, cfg: ParallelSection, mesh: DeviceMesh | None,
+                device: torch.device | None = None) -> nn.Module:
+    """Apply float8, AC, compile and FSDP2 to `model` in place (see the module docstring); returns it.
+    `device`: where the model will run (the model may still be on the meta device)."""
+    if cfg.float8:
+        convert_frozen_lm_to_float8(model, device or next(model.parameters()).device)
     units = shard_units(model)
+    regional = cfg.compile and cfg.compile_mode == "regional"
     for unit in units:
         for module in unit:
             apply_activation_checkpointing(module, cfg.activation_checkpoint)
-            if cfg.compile:
+            if regional:
                 module.compile()
     if mesh is None:
+        if cfg.compile and not regional:
+            compile_model(model, cfg.compile_mode)
         return model
     policy = mixed_precision(cfg)
     for unit in units:
@@ -153,6 +164,8 @@ def parallelize(model: nn.Module, cfg: ParallelSection, mesh: DeviceMesh | None)
     # The root's parameters (embeddings, heads, final norms) are used last in forward and first in backward:
     # keep them gathered between the two.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    if cfg.compile and not regional:
+        compile_model(model, cfg.compile_mode)
     return model
 
 
