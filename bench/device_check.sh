@@ -13,9 +13,9 @@
 #   open_flamingo-2.0.1, einops_exts-0.0.4    (the OpenFlamingo parity tests and the train-step baseline)
 #   torchao-0.18.0 (optional)                 (the train step's compile+cuda+fp8 variant; without it: unavailable)
 # STAGES (default: all) picks stages by name, e.g. STAGES="build steps" after a call that ran the rest:
-#   build smoke tests kernels steps flex demo   (every stage after build needs it)
+#   build smoke tests kernels steps fp8 flex demo   (every stage after build needs it)
 # Files written under $OUT (at most 8 come back): run.log build.log pytest.log bench.log bench.json extras.log
-# summary.json.
+# summary.json fp8_numerics.json.
 set -uo pipefail
 
 OUT=${OUT:-/tmp/flamingo_fast_device_check}
@@ -25,7 +25,7 @@ START=$(date +%s)
 DEADLINE=${DEADLINE:-540}
 export PYTHONUNBUFFERED=1
 SCRATCH=$(mktemp -d)
-STAGES=${STAGES:-build smoke tests kernels steps flex demo}
+STAGES=${STAGES:-build smoke tests kernels steps fp8 flex demo}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -114,6 +114,13 @@ if [ "$BUILD_RC" -eq 0 ] && want steps; then
   STEPS_RC=$?
   tail -30 "$OUT/bench.log"
 fi
+if [ "$BUILD_RC" -eq 0 ] && want fp8; then
+  stage "fp8 numerics: 200 steps bf16 vs float8 frozen LM, loss within 1% (limit $(limit 90) s)"
+  run_limited "$(limit 90)" "$PY" -m bench.fp8_numerics --steps 200 --out "$SCRATCH/fp8" >> "$OUT/extras.log" 2>&1
+  echo "fp8 numerics exit $?"
+  tail -3 "$OUT/extras.log"
+  cp "$SCRATCH/fp8/fp8_numerics.json" "$OUT/" 2>/dev/null
+fi
 if [ "$BUILD_RC" -eq 0 ] && want flex; then
   stage "bench: FlexAttention (limit $(limit 60) s)"
   run_limited "$(limit 60)" "$PY" -m bench --device cuda --ops attention media_cross_attention perceiver_attention \
@@ -124,7 +131,7 @@ fi
 # 6. The demo's GPU path (FSDP + bf16 + fused kernels picked automatically), seconds-long.
 if [ "$BUILD_RC" -eq 0 ] && want demo; then
   stage "demo --quick on the GPU (limit $(limit 60) s)"
-  run_limited "$(limit 60)" "$PY" -m train.demo --quick --out "$SCRATCH/demo" > "$OUT/extras.log" 2>&1
+  run_limited "$(limit 60)" "$PY" -m train.demo --quick --out "$SCRATCH/demo" >> "$OUT/extras.log" 2>&1
   echo "demo exit $?"
   tail -8 "$OUT/extras.log"
 fi
