@@ -1,5 +1,6 @@
 """Sample validation, image transform and the collator's batch layout (padding, labels, media_index, images)."""
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -65,6 +66,36 @@ def test_transform_resizes_crops_and_normalises():
     assert torch.equal(transform(ready), ready)  # float tensors are already transformed
     with pytest.raises(ValueError, match="8x8"):
         transform(torch.randn(3, 9, 9))
+
+
+def _quadrants(width: int, height: int) -> Image.Image:
+    """Four solid quadrants (red top-left, green top-right, blue bottom-left, white bottom-right): any flip,
+    transpose or off-centre crop moves a known colour to a known wrong place."""
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[: height // 2, : width // 2] = (255, 0, 0)
+    pixels[: height // 2, width // 2:] = (0, 255, 0)
+    pixels[height // 2:, : width // 2] = (0, 0, 255)
+    pixels[height // 2:, width // 2:] = (255, 255, 255)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("width, height", [(64, 64), (96, 64), (64, 96), (200, 50)])
+def test_transform_keeps_orientation_and_crops_the_centre(width, height):
+    transform = ImageTransform(16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # plain [0, 1] pixels
+    out = transform(_quadrants(width, height))[0]  # (3, 16, 16): channel, row, column
+    expected = {(0, 0): (1, 0, 0), (0, 1): (0, 1, 0), (1, 0): (0, 0, 1), (1, 1): (1, 1, 1)}  # (top?, right?) -> RGB
+    for (bottom, right), rgb in expected.items():
+        # the middle of each quadrant of the output, away from the resampled border between quadrants
+        row, col = 4 + 8 * bottom, 4 + 8 * right
+        torch.testing.assert_close(out[:, row, col], torch.tensor(rgb, dtype=torch.float32), atol=0.02, rtol=0)
+    # A centre crop keeps the quadrant border in the middle: the long side is cropped equally on both ends.
+    assert (out[:, :, 7] - out[:, :, 8]).abs().sum() > 1 and (out[:, 7, :] - out[:, 8, :]).abs().sum() > 1
+
+
+def test_transform_normalises_each_channel_with_its_own_mean_and_std():
+    transform = ImageTransform(4, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0))
+    out = transform(Image.new("RGB", (4, 4), (51, 102, 204)))[0]  # 0.2, 0.4, 0.8 in [0, 1]
+    torch.testing.assert_close(out[:, 0, 0], torch.tensor([(0.2 - 0.1) / 0.5, (0.4 - 0.2) / 0.25, (0.8 - 0.3) / 2.0]))
 
 
 def test_collate_layout_padding_labels_media_index(tok):

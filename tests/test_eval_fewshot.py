@@ -116,11 +116,17 @@ def test_evaluate_matches_direct_generation():
         assert set(result.metrics) == {"cider", "exact_match"} and result.num_queries == 3
         for record in result.predictions:
             query = next(q for q in queries if q.id == record["id"])
-            demo_images = []
-            if result.shots:
-                demo_images = [support[i].images[0] for i in random_demos(len(support), 2, 0, queries_index(queries, query))]
-            text = generate_text(model, TOKENIZER, [record["prompt"]], [demo_images + [query.images[0]]], transform,
-                                 max_new_tokens=6, num_beams=2, length_penalty=0.0)[0]
+            # 2 demonstrations either way: with their images at 2 shots, text-only at 0 shots (the paper's
+            # zero-shot protocol).
+            demos = [support[i] for i in random_demos(len(support), 2, 0, queries_index(queries, query))]
+            # The prompt written out from the samples' own texts (Flamingo's format: each demonstration's
+            # "<image>Output:{caption}<|endofchunk|>", then the query's "<image>Output:"), not read from evaluate.
+            shown = [d.text if result.shots else d.text.replace("<image>", "") for d in demos]
+            prompt = "".join(shown) + "<image>Output:"
+            assert record["prompt"] == prompt
+            images = ([d.images[0] for d in demos] if result.shots else []) + [query.images[0]]
+            text = generate_text(model, TOKENIZER, [prompt], [images], transform, max_new_tokens=6, num_beams=2,
+                                 length_penalty=0.0)[0]
             assert record["prediction"] == clean_prediction(text, TASKS["shapes_caption"])
 
 

@@ -73,7 +73,8 @@ def test_bad_arguments_raise():
 
 def test_cpu_inputs_select_the_torch_backend():
     media, latents_param, time_emb, norms = make_inputs()
-    assert cuda_unsupported_reason(media, latents_param, time_emb, *norms[0].parameters()) is not None
+    reason = cuda_unsupported_reason(media, latents_param, time_emb, *norms[0].parameters())
+    assert reason == "media is on cpu, not on a CUDA device"
 
 
 @pytest.mark.gpu

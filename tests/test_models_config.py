@@ -1,6 +1,5 @@
 """Presets: parameter counts against the Flamingo paper, meta-device construction, overrides, token ids."""
 
-import time
 
 import pytest
 import torch
@@ -17,11 +16,8 @@ def within(value: int, target: float, rel: float) -> bool:
     return abs(value - target) <= rel * target
 
 
-def test_xl_builds_on_meta_in_seconds_with_paper_counts():
-    start = time.perf_counter()
-    model = build_on_meta("xl")
-    elapsed = time.perf_counter() - start
-    assert elapsed < 20, f"building xl on meta took {elapsed:.1f} s"
+def test_xl_builds_on_meta_with_paper_counts():
+    model = build_on_meta("xl")  # (no weight is materialised; how long it takes belongs in the bench, not here)
     assert all(p.is_meta for p in model.parameters())
     counts = model.parameter_counts()
     assert within(counts["total"], 80e9, 0.03), counts

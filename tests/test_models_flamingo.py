@@ -123,6 +123,14 @@ def test_only_immediate_switch_reaches_every_layer():
     for only_immediate in (True, False):
         model = make_model(xattn={"only_immediate": only_immediate})
         assert all(layer.attn.only_immediate == only_immediate for layer in model.xattn_layers.values())
+    # ... and changes what the model computes: the same weights give the same logits up to the second image
+    # (both modes see image 0 only), and different logits after it (all previous images vs the latest one).
+    immediate, all_previous = (make_model(gates=0.5, xattn={"only_immediate": flag}) for flag in (True, False))
+    ids, pixels = tokens(["tittitttt"]), images(1, 2)
+    with torch.no_grad():
+        a, b = immediate(ids, pixels).logits, all_previous(ids, pixels).logits
+    torch.testing.assert_close(a[:, :4], b[:, :4], rtol=1e-6, atol=1e-6)
+    assert (a[:, 4:] - b[:, 4:]).abs().amax() > 1e-3
 
 
 def test_loss_convention_shift_and_ignored_labels():

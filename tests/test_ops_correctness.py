@@ -22,9 +22,20 @@ def _one_thread():
 
 @pytest.fixture(params=["cpu_flash", "blockwise"])
 def dense_path(request, monkeypatch):
-    """Run the torch backend's full attention through each of its two implementations."""
+    """Run the torch backend's full attention through each of its two implementations, and check afterwards
+    that the named one is the one that ran (on CPU float tensors; a test may also run other dtypes)."""
+    from flamingo_fast.ops import blockwise, cpu_flash
+
     monkeypatch.setattr(torch_backend, "USE_CPU_FLASH", request.param == "cpu_flash")
-    return request.param
+    ran = []
+    for name, module in (("cpu_flash", cpu_flash), ("blockwise", blockwise)):
+        for fn in ("forward", "backward"):
+            original = getattr(module, fn)
+            monkeypatch.setattr(module, fn, lambda *a, _o=original, _n=name, **k: (ran.append(_n), _o(*a, **k))[1])
+    yield request.param
+    assert request.param in ran, f"the {request.param} path never ran (ran: {sorted(set(ran))})"
+    if request.param == "blockwise":
+        assert "cpu_flash" not in ran
 
 
 def _randn(*shape, dtype, seed):
@@ -239,9 +250,12 @@ def _gradcheck(fn, tensors, **kwargs):
     )
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_gradcheck_attention(backend, dense_path):
-    _gradcheck(ops.attention, _qkv(2, 5, 7, 4, 2, 8, torch.float64), causal=True, backend=backend)
+def test_gradcheck_attention_torch(dense_path):
+    _gradcheck(ops.attention, _qkv(2, 5, 7, 4, 2, 8, torch.float64), causal=True, backend="torch")
+
+
+def test_gradcheck_attention_reference():
+    _gradcheck(ops.attention, _qkv(2, 5, 7, 4, 2, 8, torch.float64), causal=True, backend="reference")
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
@@ -252,9 +266,12 @@ def test_gradcheck_media_cross_attention(backend, only_immediate):
                backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_gradcheck_perceiver_attention(backend, dense_path):
-    _gradcheck(ops.perceiver_attention, _qkv(2, 4, 9, 2, 2, 8, torch.float64), backend=backend)
+def test_gradcheck_perceiver_attention_torch(dense_path):
+    _gradcheck(ops.perceiver_attention, _qkv(2, 4, 9, 2, 2, 8, torch.float64), backend="torch")
+
+
+def test_gradcheck_perceiver_attention_reference():
+    _gradcheck(ops.perceiver_attention, _qkv(2, 4, 9, 2, 2, 8, torch.float64), backend="reference")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -18,8 +18,8 @@ WORLD = 256
 def fake_world():
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
+    # A group left initialised here was leaked by an earlier test: fail and name it rather than skip.
+    assert not dist.is_initialized(), "an earlier test left a process group initialised (it must destroy it)"
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=WORLD)
     try:
         from torch.distributed.device_mesh import init_device_mesh

@@ -5,6 +5,7 @@ with an evaluation after each."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import torch
 from flamingo_fast.convert import load_pretrained
 from train.config import config_path, load_config
 from train.loop import NonFiniteLossError, Trainer
+from train.loss import count_label_tokens
+from train.metrics import device_peak_flops
 
 
 def tiny(tmp_path, *extra):
@@ -25,8 +28,17 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     def micro():
         return [next(batches) for _ in range(trainer.accumulation)]
 
-    good = trainer.train_step(micro())
-    assert not good.skipped and good.loss == pytest.approx(good.loss) and trainer.step == 1
+    first = micro()
+    # The step's loss is the label-token mean over all its micro-batches: recompute it from the model's own
+    # per-micro-batch mean (Flamingo.loss) before the update, weighted by each micro-batch's label tokens.
+    cfg = trainer.model_cfg
+    with torch.no_grad():
+        parts = [(trainer.model(b["input_ids"], b["images"], labels=b["labels"], media_index=b["media_index"]).loss.item(),
+                  count_label_tokens(b["labels"], cfg.image_token_id, cfg.pad_token_id)) for b in first]
+    expected = sum(mean * n for mean, n in parts) / sum(n for _, n in parts)
+    good = trainer.train_step(first)
+    assert not good.skipped and math.isfinite(good.loss) and trainer.step == 1
+    assert good.loss == pytest.approx(expected, rel=1e-5)
 
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     states = {n: trainer.optimizer.state[p]["exp_avg"].clone() for n, p in trainer.model.named_parameters()
@@ -96,6 +108,8 @@ def test_run_writes_metrics_jsonl_and_checkpoints(tmp_path):
         for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped", "mem_gib", "data_wait_ms"):
             assert key in record, key
         assert record["loss"] > 0 and record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1
+        # MFU is the logged model FLOP rate over this machine's peak (train/metrics.py), not any number in (0, 1)
+        assert record["mfu"] == pytest.approx(record["tflops"] * 1e12 / device_peak_flops(torch.device("cpu")))
     assert [r["lr"] for r in records] == pytest.approx([cfg.optim.lr / 2, cfg.optim.lr, cfg.optim.min_lr])
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "config.toml").is_file()
@@ -150,3 +164,61 @@ def test_cache_free_evaluation_for_sharded_models_equals_the_cached_one(tmp_path
     assert cached.examples == free.examples and cached.metrics() == free.metrics()
     assert len({e["prompt"] for e in cached.examples}) > 1  # prompts of different lengths share batches
     assert len({e["prediction"] for e in cached.examples}) > 1
+
+
+def test_checkpoint_round_trips_every_field_of_the_trainer_state(tmp_path):
+    cfg = tiny(tmp_path, "--train.steps=3", "--checkpoint.save_final=false", "--eval.at_end=false")
+    trainer = Trainer(cfg)
+    batches = iter(trainer.loader)
+    trainer.train_step([next(batches) for _ in range(trainer.accumulation)])
+    # Values no fresh trainer has, so a field that is not saved or not restored shows.
+    trainer.skipped_steps, trainer.consecutive_nonfinite = 3, 2
+    trainer.evals = [{"step": 1, "vqa_accuracy": 0.25}]
+    trainer.save_checkpoint()
+    saved = trainer.trainer_state()
+
+    resumed = Trainer(tiny(tmp_path, "--train.steps=3", "--checkpoint.resume=true"))
+    assert resumed.resume()
+    assert resumed.trainer_state() == saved and resumed.step == trainer.step == 1
+    assert (resumed.skipped_steps, resumed.consecutive_nonfinite) == (3, 2)
+    assert resumed.schedule.state_dict() == trainer.schedule.state_dict()
+
+
+def test_gradients_are_clipped_to_the_global_norm_before_the_optimizer_step(tmp_path):
+    trainer = Trainer(tiny(tmp_path, "--optim.clip_grad_norm=0.001"))
+    seen = []
+    step = trainer.optimizer.step
+
+    def recording_step(*args, **kwargs):  # the global gradient norm the optimizer actually receives
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        seen.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = recording_step
+    batches = iter(trainer.loader)
+    result = trainer.train_step([next(batches) for _ in range(trainer.accumulation)])
+    assert result.grad_norm > 0.01  # the reported norm is the one before clipping ...
+    assert seen and seen[0] == pytest.approx(0.001, rel=1e-3)  # ... the optimizer gets it scaled to the limit
+
+
+def test_fsdp_bf16_mixed_precision_on_real_tensors_computes_in_bf16_and_keeps_fp32_weights(tmp_path):
+    from train.parallel import shutdown_distributed
+
+    fp32 = Trainer(tiny(tmp_path / "fp32"))
+    batches = iter(fp32.loader)
+    micro = [next(batches) for _ in range(fp32.accumulation)]
+    want = fp32.train_step(micro).loss
+    cfg = load_config(config_path("tiny"), [f"--train.out_dir={tmp_path / 'bf16'}", "--parallel.fsdp=true",
+                                            "--parallel.param_dtype=bfloat16", "--parallel.reduce_dtype=float32"])
+    try:
+        trainer = Trainer(cfg)  # a 1-rank gloo group: FSDP2 on real CPU tensors, not the meta device
+        dtypes = []
+        trainer.model.lm.layers[0].mlp.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        got = trainer.train_step(micro)
+        assert dtypes and set(dtypes) == {torch.bfloat16}  # the blocks compute in FSDP's param dtype
+        params = [p for p in trainer.model.parameters()]
+        assert all(p.dtype == torch.float32 for p in params)  # sharded master weights stay fp32
+        assert math.isfinite(got.loss) and got.loss == pytest.approx(want, rel=2e-2)  # same step, bf16 rounding
+        assert not got.skipped and got.grad_norm > 0
+    finally:
+        shutdown_distributed()

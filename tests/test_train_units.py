@@ -164,6 +164,15 @@ def test_optimizer_keeps_no_state_for_frozen_parameters():
     assert all(id(p) not in state_ids for p in model.lm.layers.parameters())
 
 
+def test_optimizer_is_adamw_with_the_papers_betas_and_the_configs_values():
+    model = tiny_model()
+    default = build_optimizer(model, OptimSection())
+    assert isinstance(default, torch.optim.AdamW)
+    assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-8 for g in default.param_groups)  # Flamingo's AdamW
+    custom = build_optimizer(model, OptimSection(beta1=0.8, beta2=0.99, eps=1e-6))
+    assert all(g["betas"] == (0.8, 0.99) and g["eps"] == 1e-6 for g in custom.param_groups)
+
+
 # -- loss ------------------------------------------------------------------------------------------------------
 def test_token_loss_sum_matches_model_mean_times_count():
     model = tiny_model()
