@@ -24,6 +24,12 @@ def test_demo_quick_writes_summary_plot_and_weights(tmp_path):
     assert stages["flamingo"]["trainable_parameters"] < stages["flamingo"]["total_parameters"]
     assert summary["num_caption"] == 4 and summary["num_vqa"] == 4
     assert sum(v["count"] for v in summary["vqa_by_type"].values()) == 4
+    # The headline figures are the trainer's own held-out evaluation, and the per-type table adds up to them.
+    last_eval = json.loads((tmp_path / "flamingo" / "eval.jsonl").read_text().splitlines()[-1])
+    assert (last_eval["caption_exact_match"], last_eval["vqa_accuracy"]) == \
+        (summary["caption_exact_match"], summary["vqa_accuracy"])
+    by_type = summary["vqa_by_type"].values()
+    assert sum(v["accuracy"] * v["count"] for v in by_type) / 4 == pytest.approx(summary["vqa_accuracy"], abs=1e-9)
     png = (tmp_path / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (tmp_path / "pretrained.safetensors").is_file()
