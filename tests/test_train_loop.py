@@ -118,7 +118,8 @@ def test_run_writes_metrics_jsonl_and_checkpoints(tmp_path):
     assert tokenizer.vocab_size == trainer.tokenizer.vocab_size
     assert result.steps == 3 and result.last_eval is not None
     assert result.last_eval.num_caption == 8 and result.last_eval.num_vqa == 8
-    assert 0.0 <= result.last_eval.caption_exact_match <= 1.0
+    hits = result.last_eval.caption_exact_match * 8  # exact match is a count of whole captions, not a soft score
+    assert 0 <= hits <= 8 and hits == pytest.approx(round(hits))
     by_type = result.last_eval.vqa_by_type  # per question type, consistent with the overall accuracy
     assert sum(v["count"] for v in by_type.values()) == 8 and set(by_type) <= {"colour", "shape", "count", "left", "right"}
     assert sum(v["accuracy"] * v["count"] for v in by_type.values()) / 8 == pytest.approx(result.last_eval.vqa_accuracy)
@@ -142,7 +143,11 @@ def test_finetune_mode_runs_epochs_with_eval_after_each(tmp_path):
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert [(e["step"], e["epoch"]) for e in evals] == [(2, 1), (4, 2)]
     assert result.last_eval is None and len(result.evals) == 2  # the epoch-2 eval is the final one
-    assert all(e["vqa_accuracy"] is not None for e in evals)
+    for e in evals:  # each epoch's record: the per-type table adds up to the overall accuracy
+        by_type = e["vqa_by_type"]
+        assert sum(v["count"] for v in by_type.values()) == e["num_vqa"] > 0
+        assert sum(v["accuracy"] * v["count"] for v in by_type.values()) / e["num_vqa"] == \
+            pytest.approx(e["vqa_accuracy"])
 
 
 def test_cache_free_evaluation_for_sharded_models_equals_the_cached_one(tmp_path):
