@@ -109,8 +109,8 @@ fi
 STEPS_RC=125
 if [ "$BUILD_RC" -eq 0 ] && want steps; then
   stage "bench: training-step matrix (limit $(limit "${STEPS_LIMIT:-180}") s)"
-  run_limited "$(limit "${STEPS_LIMIT:-180}")" "$PY" -m bench --device cuda --ops train_step --models 3b-shape --shapes m3w long \
-    --json "$SCRATCH/bench_e2e.json" >> "$OUT/bench.log" 2>&1
+  run_limited "$(limit "${STEPS_LIMIT:-180}")" "$PY" -m bench --device cuda --ops train_step --models 3b-shape --shapes long m3w \
+    --variants openflamingo torch compile compile+cuda compile+cuda+fp8 --json "$SCRATCH/bench_e2e.json" >> "$OUT/bench.log" 2>&1
   STEPS_RC=$?
   tail -30 "$OUT/bench.log"
 fi

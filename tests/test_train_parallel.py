@@ -92,3 +92,22 @@ def test_compile_mode_is_validated():
     cfg.parallel.compile_mode = "everything"
     with pytest.raises(ValueError, match="parallel.compile_mode must be one of"):
         cfg.validate()
+
+
+def test_a_one_rank_group_of_our_own_leaves_no_rendezvous_variables_behind(monkeypatch):
+    import os
+
+    import torch.distributed as dist
+
+    from train.parallel import init_distributed, shutdown_distributed
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    info = init_distributed(ParallelSection(fsdp=True, param_dtype="float32", reduce_dtype="float32"))
+    try:
+        assert dist.is_initialized() and info.world_size == 1 and os.environ["WORLD_SIZE"] == "1"
+    finally:
+        shutdown_distributed()
+    # Otherwise the next Trainer in this process (or a subprocess) would think torchrun launched it.
+    assert not dist.is_initialized()
+    assert not any(key in os.environ for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"))

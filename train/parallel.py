@@ -31,6 +31,7 @@ from flamingo_fast.models.float8 import convert_frozen_lm_to_float8
 from train.config import ParallelSection
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ENV_SET_HERE: list[str] = []  # rendezvous variables init_distributed set for a 1-rank group of its own
 
 
 @dataclass
@@ -65,10 +66,13 @@ def init_distributed(cfg: ParallelSection) -> DistInfo:
         return DistInfo(0, 1, 0, device, None)
     if not dist.is_initialized():
         if not launched:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
+            # A 1-rank group of our own: the rendezvous variables it needs are removed again by
+            # shutdown_distributed, so later code in this process (and its subprocesses) is not "launched".
+            for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())), ("RANK", "0"),
+                               ("WORLD_SIZE", "1")):
+                if key not in os.environ:
+                    os.environ[key] = value
+                    _ENV_SET_HERE.append(key)
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
                                 device_id=device if backend == "nccl" else None)
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -89,6 +93,8 @@ def _free_port() -> int:
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    while _ENV_SET_HERE:
+        os.environ.pop(_ENV_SET_HERE.pop(), None)
 
 
 # -- activation checkpointing -------------------------------------------------------------------------------
