@@ -111,3 +111,20 @@ def test_a_one_rank_group_of_our_own_leaves_no_rendezvous_variables_behind(monke
     # Otherwise the next Trainer in this process (or a subprocess) would think torchrun launched it.
     assert not dist.is_initialized()
     assert not any(key in os.environ for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"))
+
+
+@pytest.mark.parametrize("mode", ["regional", "whole"])
+def test_parallel_compile_mode_picks_what_is_compiled(mode):
+    # Module.compile is lazy: nothing is traced here, only which modules will run compiled.
+    model = Flamingo(FlamingoConfig.from_preset("demo", **TINY))
+    cfg = ParallelSection(fsdp=False, param_dtype="float32", reduce_dtype="float32", compile=True, compile_mode=mode)
+    parallelize(model, cfg, None, torch.device("cpu"))
+    units = [m for unit in model.shard_units() for m in unit]
+
+    def compiled(module):
+        return getattr(module, "_compiled_call_impl", None) is not None
+
+    if mode == "regional":
+        assert all(compiled(m) for m in units) and not compiled(model)
+    else:
+        assert compiled(model) and not any(compiled(m) for m in units)

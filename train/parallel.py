@@ -154,15 +154,15 @@ def parallelize(model: nn.Module, cfg: ParallelSection, mesh: DeviceMesh | None,
     if cfg.float8:
         convert_frozen_lm_to_float8(model, device or next(model.parameters()).device)
     units = shard_units(model)
-    regional = cfg.compile and cfg.compile_mode == "regional"
     for unit in units:
         for module in unit:
             apply_activation_checkpointing(module, cfg.activation_checkpoint)
-            if regional:
-                module.compile()
+    whole = cfg.compile and cfg.compile_mode == "whole"
+    if cfg.compile and not whole:
+        compile_model(model, "regional")  # the same shard units, each compiled in place
     if mesh is None:
-        if cfg.compile and not regional:
-            compile_model(model, cfg.compile_mode)
+        if whole:
+            compile_model(model, "whole")
         return model
     policy = mixed_precision(cfg)
     for unit in units:
@@ -170,8 +170,8 @@ def parallelize(model: nn.Module, cfg: ParallelSection, mesh: DeviceMesh | None,
     # The root's parameters (embeddings, heads, final norms) are used last in forward and first in backward:
     # keep them gathered between the two.
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    if cfg.compile and not regional:
-        compile_model(model, cfg.compile_mode)
+    if whole:
+        compile_model(model, "whole")
     return model
 
 
