@@ -8,6 +8,8 @@ All return (out, lse) forward and (dq, dk, dv) backward, contiguous, as the cust
 
 from __future__ import annotations
 
+import torch
+
 from flamingo_fast.ops import blockwise, cpu_flash
 from flamingo_fast.ops.media_torch import media_cross_attention_bwd, media_cross_attention_fwd
 
@@ -29,11 +31,22 @@ def _dense(q):
     return cpu_flash if USE_CPU_FLASH and cpu_flash.supports(q) else blockwise
 
 
+def _no_queries(q) -> bool:
+    # Nothing attends: answered here, because ATen's CPU flash kernel dies with SIGFPE on zero queries.
+    return q.shape[0] == 0 or q.shape[1] == 0
+
+
 def attention_fwd(q, k, v, causal: bool, scale: float):
+    if _no_queries(q):
+        lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=blockwise.lse_dtype(q.dtype),
+                         device=q.device)
+        return q.new_zeros(q.shape), lse
     return _dense(q).forward(q, k, v, causal, scale)
 
 
 def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
+    if _no_queries(q):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     return _dense(q).backward(dout, q, k, v, out, lse, causal, scale)
 
 
