@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,44 @@ def test_load_model_weights_from_safetensors_and_checkpoint(tmp_path):
         load_model_weights(other, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="must be a trainer checkpoint folder"):
         load_model_weights(other, tmp_path / "nothing.bin")
+
+
+@pytest.mark.parametrize("crash_at_rename", [1, 2])
+def test_resaving_a_step_is_atomic_at_every_rename(tmp_path, monkeypatch, crash_at_rename):
+    """A kill during the re-save of a step that already has a checkpoint leaves a complete one under that step:
+    the old one (set aside, put back by the next `latest()`) or the new one."""
+    model, optimizer = make()
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    manager.save(1, model, optimizer, {"version": "old"}, {})
+    train_one_step(model, optimizer)
+    real_rename, calls = os.rename, []
+
+    def crashing_rename(src, dst):
+        if Path(dst).parent == tmp_path / "ckpt":  # the manager's folder renames (DCP renames its own files too)
+            calls.append((src, dst))
+            if len(calls) == crash_at_rename:
+                raise KeyboardInterrupt("killed")  # stands in for SIGKILL between two renames
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", crashing_rename)
+    with pytest.raises(KeyboardInterrupt):
+        manager.save(1, model, optimizer, {"version": "new"}, {})
+    monkeypatch.setattr(os, "rename", real_rename)
+
+    fresh = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    latest = fresh.latest()
+    assert latest is not None and latest.name == "step_00000001"
+    other, other_opt = make(seed=9)
+    trainer_state, _ = fresh.load(latest, other, other_opt)
+    assert trainer_state["version"] == "old"  # both crash points fall before the new folder is in place
+    assert not any(p.name.startswith(".old-") for p in (tmp_path / "ckpt").iterdir())
+
+
+def test_resaving_a_step_replaces_it_and_leaves_nothing_aside(tmp_path):
+    model, optimizer = make()
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    manager.save(1, model, optimizer, {"version": "old"}, {})
+    manager.save(1, model, optimizer, {"version": "new"}, {})
+    other, other_opt = make(seed=9)
+    assert manager.load(manager.latest(), other, other_opt)[0]["version"] == "new"
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000001"]

@@ -50,6 +50,7 @@ from flamingo_fast.data.tokenizer import Tokenizer
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
 TRAINER_FILE = "trainer.json"
+SET_ASIDE_PREFIX = ".old-"  # a complete checkpoint moved aside while the same step is re-saved
 
 
 def step_dir_name(step: int) -> str:
@@ -257,7 +258,24 @@ class CheckpointManager:
                 found.append((int(match.group(1)), child))
         return sorted(found)
 
+    def _recover_set_aside(self) -> None:
+        """A `.old-step_N` folder is a complete checkpoint set aside by an interrupted re-save of step N: put it
+        back if step_N did not make it in, else it is garbage."""
+        if self.rank != 0:
+            return
+        for aside in self.folder.glob(f"{SET_ASIDE_PREFIX}step_*"):
+            final = self.folder / aside.name.removeprefix(SET_ASIDE_PREFIX)
+            if (final / COMPLETE).is_file():
+                shutil.rmtree(aside, ignore_errors=True)
+            elif (aside / COMPLETE).is_file():
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(aside, final)
+
     def latest(self) -> Path | None:
+        """The newest complete checkpoint; every rank must call this (rank 0 first repairs an interrupted re-save)."""
+        if self.folder.is_dir():
+            self._recover_set_aside()
+        _barrier()
         found = self.complete_checkpoints()
         return found[-1][1] if found else None
 
@@ -282,8 +300,15 @@ class CheckpointManager:
             _write_json(tmp / TRAINER_FILE, {**trainer_state, "step": step, "world_size": self.world_size})
             (tmp / COMPLETE).write_text(f"{step}\n")
             if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+                # Renames only until the new folder is in place: a kill at any point leaves either the old or
+                # the new complete checkpoint under step_N (a set-aside old one is put back by the next listing).
+                aside = self.folder / f"{SET_ASIDE_PREFIX}{final.name}"
+                shutil.rmtree(aside, ignore_errors=True)
+                os.rename(final, aside)
+                os.rename(tmp, final)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
             self._prune()
         _barrier()
         return final
