@@ -9,6 +9,7 @@ import torch
 
 from data_fixtures import CORRUPT_IMAGE, image_bytes, make_karpathy, pair_members, truncate_in_member, write_tar
 from flamingo_fast.data import MapSource, build_loader, shapes_dataset, shapes_tokenizer
+from flamingo_fast.data.skipping import NoUsableDataError
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +153,34 @@ def test_bad_data_is_skipped_counted_and_logged(tmp_path, tok, caplog):
     logged = " ".join(r.getMessage() for r in caplog.records)
     for reason in loader.skipped:
         assert reason in logged
+
+
+def test_a_source_with_nothing_usable_stops_with_an_error_naming_it(tmp_path, tok, caplog):
+    # A wrong image root: every record of the cycling source is skipped. It used to spin forever.
+    annotations, _ = make_karpathy(tmp_path, "coco")
+    wrong_root = tmp_path / "not_the_images"
+    wrong_root.mkdir()
+    source = {"kind": "coco", "name": "coco_train", "annotations": str(annotations), "image_root": str(wrong_root)}
+    caplog.set_level(logging.WARNING, logger="flamingo_fast.data")
+    with build_loader([source], tok, batch_size=1, image_size=32, num_workers=0, cycle=True,
+                      max_consecutive_skips=150) as loader:
+        with pytest.raises(NoUsableDataError, match=r"last 150 records.*'coco_train'.*'missing_image'"):
+            next(iter(loader))
+    # rate-limited: the first 5 in full, then at 10 and 100, not 150 lines
+    assert len([r for r in caplog.records if "skipped a record" in r.getMessage()]) == 7
+
+
+def test_broken_records_among_good_ones_never_trip_the_limit(tmp_path, tok):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    members = []
+    for i in range(12):  # alternate good and corrupt records: 12 skips in all, never 2 in a row
+        members += pair_members([f"g{i}"]) + [(f"bad{i}.jpg", CORRUPT_IMAGE), (f"bad{i}.txt", b"broken")]
+    write_tar(shards / "a.tar", members)
+    with build_loader([{"kind": "webdataset", "shards": str(shards), "shuffle": False}], tok, batch_size=1,
+                      image_size=32, num_workers=0, cycle=False, max_consecutive_skips=2) as loader:
+        rows = list(loader)
+    assert len(rows) == 12 and loader.skipped == {"corrupt_image": 12}
 
 
 def test_process_workers(tok):

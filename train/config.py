@@ -53,6 +53,7 @@ class DataSection:
     micro_batch_size: int = 16  # rows per rank per forward/backward
     num_workers: int = 0  # decode workers (threads) of the pipeline
     prefetch: int = 2  # batches prepared ahead in a background thread (0: none)
+    max_consecutive_skips: int = 1000  # broken records in a row that stop the run (unreadable data, not noise)
 
 
 @dataclass
@@ -163,6 +164,7 @@ class TrainConfig:
         positive = {
             "data.max_length": self.data.max_length,
             "data.micro_batch_size": self.data.micro_batch_size,
+            "data.max_consecutive_skips": self.data.max_consecutive_skips,
             "train.global_batch_tokens": self.train.global_batch_tokens,
             "train.log_every": self.train.log_every,
             "train.max_consecutive_nonfinite": self.train.max_consecutive_nonfinite,

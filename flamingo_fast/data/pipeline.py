@@ -37,7 +37,7 @@ from flamingo_fast.data.captions import CaptionSource
 from flamingo_fast.data.collate import Collator, EncodedSample
 from flamingo_fast.data.sample import BadSampleError
 from flamingo_fast.data.shapes import ShapesDataset, shapes_tokenizer
-from flamingo_fast.data.skipping import SkipFilter, Skipped
+from flamingo_fast.data.skipping import MAX_CONSECUTIVE_SKIPS, SkipFilter, Skipped
 from flamingo_fast.data.source import MapSource, Source, check_rank
 from flamingo_fast.data.tokenizer import Tokenizer, load_tokenizer
 from flamingo_fast.data.transforms import CLIP_MEAN, CLIP_STD
@@ -165,6 +165,7 @@ def build_loader(
     collator: Collator | None = None,
     cycle: bool = True,
     drop_last: bool = True,
+    max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS,
 ) -> DataLoader:
     """Build the batch pipeline for this rank.
 
@@ -177,6 +178,8 @@ def build_loader(
     prefetch_factor: batches prepared ahead in a background thread (0 = none)
     cycle:          True: endless (exhausted sources restart with a new shuffle: count steps, not epochs);
                     False: stop once every source has been read once (one epoch, e.g. evaluation)
+    max_consecutive_skips: that many broken records in a row stop the stream with NoUsableDataError
+                    (data/skipping.py) instead of spinning forever on unreadable data
     """
     check_rank(rank, world_size)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -218,7 +221,7 @@ def build_loader(
         )
     else:
         node = Mapper(node, encode)
-    skip_filter = SkipFilter(node)
+    skip_filter = SkipFilter(node, max_consecutive=max_consecutive_skips)
     node = Mapper(Batcher(skip_filter, batch_size=batch_size, drop_last=drop_last), collator.collate)
     if prefetch_factor > 0:
         node = Prefetcher(node, prefetch_factor=prefetch_factor)
