@@ -284,6 +284,8 @@ def test_cache_rejects_more_images_than_cached():
         ("media_index_float", TypeError, "media_index must be an int32/int64"),
         ("labels_shape", ValueError, "labels must match input_ids' shape"),
         ("labels_dtype", TypeError, "labels must be a torch.long"),
+        ("labels_out_of_range", ValueError, r"labels must lie in \[0, 32\) or be -100"),
+        ("labels_negative", ValueError, r"labels must lie in \[0, 32\) or be -100 .*\[-1, "),
         ("too_many_frames", ValueError, "max_frames=3"),
         ("images_and_latents", ValueError, "images or latents, not both"),
         ("latents_shape", ValueError, r"latents must be \(2, T_img, 4, 32\)"),
@@ -328,6 +330,10 @@ def test_bad_input(case, exc, match):
         kwargs["labels"] = ids[:, :-1]
     elif case == "labels_dtype":
         kwargs["labels"] = ids.float()
+    elif case == "labels_out_of_range":
+        kwargs["labels"] = ids.masked_fill(torch.arange(6) == 2, 32)  # one past the vocabulary
+    elif case == "labels_negative":
+        kwargs["labels"] = ids.masked_fill(torch.arange(6) == 0, -1).masked_fill(torch.arange(6) == 1, -100)
     elif case == "too_many_frames":
         imgs = images(2, 2, f=4)
     elif case == "images_and_latents":

@@ -175,3 +175,16 @@ def test_resaving_a_step_replaces_it_and_leaves_nothing_aside(tmp_path):
     other, other_opt = make(seed=9)
     assert manager.load(manager.latest(), other, other_opt)[0]["version"] == "new"
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000001"]
+
+
+def test_a_missing_rank_state_of_the_same_world_size_is_an_error_naming_the_checkpoint(tmp_path):
+    model, optimizer = make()
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    path = manager.save(1, model, optimizer, {}, {"data": {"pos": 3}})
+    (path / "rank_0.json").unlink()
+    other, other_opt = make(seed=9)
+    with pytest.raises(ValueError, match=r"step_00000001: rank_0.json is missing .* not be exact"):
+        manager.load(path, other, other_opt)
+    # Written with another world size: the per-rank state does not apply and is not asked for.
+    elsewhere = CheckpointManager(tmp_path / "ckpt", keep_last=2, rank=0, world_size=2)
+    assert elsewhere.load(path, other, other_opt)[1] is None

@@ -332,6 +332,12 @@ class CheckpointManager:
         set_optimizer_state_dict(model, optimizer,
                                  {"state": state["optim"]["state"], "param_groups": optim_state["param_groups"]})
         trainer_state = _read_json(path / TRAINER_FILE)
+        if trainer_state.get("world_size") != self.world_size:
+            return trainer_state, None  # the data pipeline restarts: its per-rank state does not fit
         rank_file = path / f"rank_{self.rank}.json"
-        same_world = trainer_state.get("world_size") == self.world_size
-        return trainer_state, (_read_json(rank_file) if same_world and rank_file.is_file() else None)
+        if not rank_file.is_file():
+            raise ValueError(
+                f"{path}: {rank_file.name} is missing although the checkpoint was written by "
+                f"{self.world_size} rank(s), as now: rank {self.rank}'s data position and RNG state are lost, so the "
+                "resume would not be exact. Delete this folder to resume from the previous checkpoint.")
+        return trainer_state, _read_json(rank_file)

@@ -225,7 +225,7 @@ class Flamingo(nn.Module):
         if not media_index_given:
             media_index = self.compute_media_index(input_ids, start)
         if not torch.compiler.is_compiling():
-            self._check_values(input_ids, media_index, num_media, media_index_given)
+            self._check_values(input_ids, media_index, num_media, media_index_given, labels)
 
         # All checks passed: only now update the cache.
         media_kv = None
@@ -326,14 +326,22 @@ class Flamingo(nn.Module):
                 f"got {tuple(labels.shape)} on {labels.device}"
             )
 
-    def _check_values(self, input_ids, media_index, num_media: int, media_index_given: bool) -> None:
+    def _check_values(self, input_ids, media_index, num_media: int, media_index_given: bool,
+                      labels: Optional[torch.Tensor] = None) -> None:
         # Eager only: these read tensor values (one host sync).
         if input_ids.device.type == "meta":
             return
-        stats = torch.stack([input_ids.min(), input_ids.max(), media_index.min().long(), media_index.max().long()])
-        ids_min, ids_max, mi_min, mi_max = stats.tolist()
+        values = [input_ids.min(), input_ids.max(), media_index.min().long(), media_index.max().long()]
+        if labels is not None:  # -100 (ignored) aside, a label outside the vocabulary is a device-side assert on GPU
+            kept = labels.masked_fill(labels == -100, 0)
+            values += [kept.min(), kept.max()]
+        stats = torch.stack(values).tolist()
+        ids_min, ids_max, mi_min, mi_max = stats[:4]
         if ids_min < 0 or ids_max >= self.cfg.vocab_size:
             raise ValueError(f"input_ids must lie in [0, {self.cfg.vocab_size}), got values in [{ids_min}, {ids_max}]")
+        if labels is not None and (stats[4] < 0 or stats[5] >= self.cfg.vocab_size):
+            raise ValueError(f"labels must lie in [0, {self.cfg.vocab_size}) or be -100 (ignored), got values in "
+                             f"[{stats[4]}, {stats[5]}] besides -100")
         if mi_min < -1:
             raise ValueError(f"media_index must be >= -1, got {mi_min}")
         if mi_max >= num_media and media_index_given:
