@@ -34,11 +34,12 @@ from bench.impls import IMPLS, Impl, Skipped, Unavailable, ops_fn, reference_sco
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-4, torch.float64: 1e-10}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
-COMPILE_SKIP_NOTE = "skipped by --quick: torch.compile takes 10-70 s per graph (name it in --impls to include it)"
+COMPILE_SKIP_NOTE = ("skipped by --quick: torch.compile takes 10-70 s per graph (name it in --impls, or in --variants "
+                     "for train_step, to include it)")
 COMPILED_CASES_NOTE = ("CPU: torch.compile-based implementations run on the last case of each op only "
                        "(compiling takes 10-70 s per graph here; name them in --impls to run them everywhere)")
-MODEL_COMPILE_SKIP_NOTE = ("skipped on CPU: torch.compile of the whole model takes minutes on a small CPU "
-                           "(name compile in --impls to include it)")
+MODEL_COMPILE_SKIP_NOTE = ("skipped on CPU: compiling the model takes 30-60 s per case on a small CPU "
+                           "(name the variant in --variants to include it)")
 
 
 @dataclass

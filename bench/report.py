@@ -105,8 +105,8 @@ def _print_data_table(rows: list[Row], console) -> None:
     first = rows[0]
     table = Table(title=f"data: WebDataset path, decode + resize + tokenize + collate  [{first.device}]",
                   title_justify="left")
-    for column in ("case", "impl", "ms / batch", "samples/s"):
-        table.add_column(column, justify="right" if column[0] in "ms" and column != "case" else "left")
+    for column, justify in (("case", "left"), ("impl", "left"), ("ms / batch", "right"), ("samples/s", "right")):
+        table.add_column(column, justify=justify)
     for row in rows:
         table.add_row(row.case, row.impl, _sig(row.ms), _sig(row.samples_per_s))
     console.print(table)
