@@ -123,15 +123,16 @@ def _run(args, device: torch.device, dtype: torch.dtype, argv) -> int:
     from bench.generation import IMPL as GENERATE_IMPL
     from bench.generation import bench_generation
 
-    explicit_compiled = ((bool(args.impls) and any(n in args.impls for n in ("compile", "flex")))
-                         or bool(args.variants and set(args.variants) & set(E2E_COMPILED)))
+    compiled_variants_named = bool(args.variants and set(args.variants) & set(E2E_COMPILED))
+    compiled_impls_named = bool(args.impls) and any(n in args.impls for n in ("compile", "flex"))
+    explicit_compiled = compiled_impls_named or compiled_variants_named
     kernel_ops = tuple(op for op in args.ops if op in OPS)
     cases, case_note = select_cases(device.type, args.quick, kernel_ops)
     settings = Settings(
         device=device, dtype=dtype,
         min_time_s=args.min_time if args.min_time is not None else (0.2 if args.quick else 0.5),
         seed=args.seed, skip_compiled=args.quick and not explicit_compiled,
-        skip_model_compile=device.type == "cpu" and not (args.variants and set(args.variants) & set(E2E_COMPILED)),
+        skip_model_compile=device.type == "cpu" and not compiled_variants_named,
         compiled_cases=(last_case_per_op(cases) if device.type == "cpu" and not args.quick and not explicit_compiled
                         else None),
         device_name=args.device_name or device_name(device), threads=torch.get_num_threads(),

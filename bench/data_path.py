@@ -79,12 +79,10 @@ def write_shard(path: Path, shape: str, samples: int, seed: int = 0) -> Path:
     return path
 
 
-def _throughput(shard: Path, workers: int, batch_size: int, batches: int) -> tuple[float, float]:
+def _throughput(shard: Path, tokenizer, workers: int, batch_size: int, batches: int) -> tuple[float, float]:
     """(ms per batch, samples per second) of the training pipeline over `shard`."""
     from flamingo_fast.data import build_loader
-    from flamingo_fast.data.tokenizer import build_word_tokenizer
 
-    tokenizer = build_word_tokenizer(list(WORDS))
     loader = build_loader([{"kind": "webdataset", "shards": str(shard)}], tokenizer, batch_size, IMAGE_SIZE,
                           num_workers=workers, worker_method="process", prefetch_factor=0, max_length=512)
     with loader:
@@ -102,6 +100,9 @@ def bench_data(settings: Settings, quick: bool, on_row: Callable[[Row], None] = 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     worker_counts = (0,) if quick else tuple(sorted({0, 1, min(2, cores)}))
     shapes = ("pairs",) if quick else tuple(SHAPES)
+    from flamingo_fast.data.tokenizer import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(list(WORDS))
     rows = []
     with tempfile.TemporaryDirectory(prefix="flamingo_fast_data_bench_") as folder:
         for shape in shapes:
@@ -109,12 +110,13 @@ def bench_data(settings: Settings, quick: bool, on_row: Callable[[Row], None] = 
             batches = 3 if quick else 6
             shard = write_shard(Path(folder) / f"{shape}.tar", shape, batch_size * (batches + 2) * 3, settings.seed)
             for workers in worker_counts:
-                row = Row(op=OP, case=f"{shape} {IMAGE_WH[0]}x{IMAGE_WH[1]} jpeg x{SHAPES[shape]} -> {IMAGE_SIZE}px b{batch_size}",
+                case = f"{shape} {IMAGE_WH[0]}x{IMAGE_WH[1]} jpeg x{SHAPES[shape]} -> {IMAGE_SIZE}px b{batch_size}"
+                row = Row(op=OP, case=case,
                           impl=f"workers={workers}", direction="fwd", device=settings.device_name, dtype="uint8",
                           threads=settings.threads, series=shape,
                           shape={"shape": shape, "images_per_sample": SHAPES[shape], "batch": batch_size,
                                  "workers": workers, "image_wh": list(IMAGE_WH), "image_size": IMAGE_SIZE})
-                row.ms, row.samples_per_s = _throughput(shard, workers, batch_size, batches)
+                row.ms, row.samples_per_s = _throughput(shard, tokenizer, workers, batch_size, batches)
                 row.available, row.status, row.oracle = True, "ok", "none (throughput only)"
                 rows.append(row)
                 on_row(row)

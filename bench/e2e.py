@@ -22,9 +22,10 @@ Rows (op "train_step", direction "fwd+bwd") carry ms per step, tokens_per_s (tex
 FLOPs per second), mfu (= peak_fraction: that rate over the matmul peak measured in the same run),
 compile_s (first step's wall time less a steady step: compilation and warm-up), activation_mb (memory one
 forward of the eager variants leaves for the backward: allocated bytes on CUDA, the CPU allocator's net
-allocations on CPU) and, on CUDA, peak_mem_mb (torch.cuda.max_memory_allocated). Model FLOPs per step are counted with torch.utils.flop_counter on an
-eager step of each model (ours through formulas registered here from bench.flops, backward = 2.5 x
-forward): what the step executes, so frozen parts count their input-gradient backward only.
+allocations on CPU) and, on CUDA, peak_mem_mb (torch.cuda.max_memory_allocated). Model FLOPs per step are
+counted with torch.utils.flop_counter on an eager step of each model (ours through formulas registered here
+from bench.flops, backward = 2.5 x forward): what the step executes, so frozen parts count their
+input-gradient backward only.
 
 The gates of every xattn layer are set to 0.5 (they start at 0, which would hide the cross-attention from
 the loss). Correctness gate: each variant's first step's loss must match a float64 eager copy of its own

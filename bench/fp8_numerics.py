@@ -5,8 +5,9 @@ float8, on the same data and seed; the float8 loss must stay within 1% of the bf
 
 The run is the demo recipe's Flamingo stage (train/configs/demo.toml: shapes captions and VQA, the trainer
 with FSDP2 and bf16 mixed precision) from random weights: the trainable resampler, xattn layers and special
-rows learn the shapes text, so the check covers a descending loss, not a flat line. Needs a GPU with float8 matmuls and torchao; elsewhere it exits with
-status 2 and says why. Writes DIR/fp8_numerics.json (both loss curves, the worst relative gap, pass/fail).
+rows learn the shapes text, so the check covers a descending loss, not a flat line. Needs a GPU with float8
+matmuls and torchao; elsewhere it exits with status 2 and says why. Writes DIR/fp8_numerics.json (both loss
+curves, the worst relative gap, pass/fail).
 """
 
 from __future__ import annotations

@@ -81,9 +81,10 @@ class SkipFilter(BaseNode):
     def _unusable(self, last: Skipped) -> NoUsableDataError:
         (source, reason), count = max(self._run.items(), key=lambda kv: kv[1])
         sources = sorted({s for s, _ in self._run if s}) or ["(unnamed)"]
+        where = f", source {source!r}" if source else ""
         return NoUsableDataError(
             f"the last {sum(self._run.values())} records were all skipped, none usable (sources: "
-            f"{', '.join(map(repr, sources))}); most common reason {reason!r} ({count}x{', source ' + repr(source) if source else ''}), "
+            f"{', '.join(map(repr, sources))}); most common reason {reason!r} ({count}x{where}), "
             f"e.g. {last.detail}. Check the shard paths / image roots of the data config.")
 
     def get_state(self) -> Dict[str, Any]:

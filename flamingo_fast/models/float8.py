@@ -18,9 +18,10 @@ def float8_unsupported_reason(device: torch.device) -> str | None:
     """Why float8 training cannot run on `device`, or None."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return f"float8 training needs a CUDA GPU with float8 matmuls (Hopper, sm_89+); got device {device}"
-    if torch.cuda.get_device_capability(device) < (8, 9):
-        name = torch.cuda.get_device_name(device)
-        return f"float8 training needs compute capability 8.9+ (Ada/Hopper); {name} has {torch.cuda.get_device_capability(device)}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        return (f"float8 training needs compute capability 8.9+ (Ada/Hopper); {torch.cuda.get_device_name(device)} "
+                f"has {capability}")
     try:
         import torchao.float8  # noqa: F401
     except ImportError as exc:
