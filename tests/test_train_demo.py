@@ -86,3 +86,56 @@ def test_demo_seeds_runs_each_seed_in_its_own_process_and_tabulates(tmp_path):
         assert (row["caption_exact_match"], row["vqa_accuracy"]) == (summary["caption_exact_match"], summary["vqa_accuracy"])
     assert report["targets_met"] is False  # --quick runs never meet the targets
     assert report["command"].endswith("--seeds 3,4") and "--quick" in report["command"] and report["cpu"]
+
+
+def test_demo_xattn_starts_after_the_first_lm_block_where_queries_can_see_the_question():
+    """Why train/configs/demo.toml sets xattn.first_layer = 1: an xattn layer before LM block 0 builds its query
+    from the bare token embedding, so at the answer position (the ":" of "Short answer:") it writes the same thing
+    whatever the question asks; from block 1 on, the query there depends on the question."""
+    import random
+
+    import torch
+
+    from flamingo_fast.data.collate import Collator
+    from flamingo_fast.data.sample import vqa_text
+    from flamingo_fast.data.shapes import random_scene, render_scene
+    from flamingo_fast.models.config import FlamingoConfig
+    from flamingo_fast.models.flamingo import Flamingo
+    from train.cli import resolve_config_path
+    from train.config import load_config
+    from train.data import build_tokenizer
+    from train.loop import model_config
+
+    cfg = load_config(resolve_config_path("demo"))
+    tokenizer = build_tokenizer(cfg.data)
+    demo = model_config(cfg, tokenizer.vocab_size, tokenizer.pad_id)
+    assert demo.xattn_layer_ids == list(range(1, demo.lm.layers))
+
+    torch.manual_seed(0)
+    every_block = FlamingoConfig.from_dict({**demo.to_dict(), "xattn": {**demo.to_dict()["xattn"], "first_layer": 0}})
+    model = Flamingo(every_block).eval()
+    for layer in model.xattn_layers.values():  # open the gates, as training does
+        torch.nn.init.constant_(layer.attn_gate, 0.5)
+    size = demo.vision.image_size
+    image = Collator(tokenizer, size).transform(render_scene(random_scene(random.Random(3), num_shapes=3), size))
+    seen = {}  # question -> {xattn layer: (its input at ":", its output there)}
+    for question in ("what colour is the circle?", "what shape is blue?", "what is left of the red star?"):
+        ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(vqa_text(question, None)[0])])
+        inputs, outputs = {}, {}
+        hooks = []
+        for name, layer in model.xattn_layers.items():
+            hooks.append(layer.attn.register_forward_pre_hook(
+                lambda m, args, i=int(name): inputs.__setitem__(i, args[0][0, -1].clone())))
+            hooks.append(layer.attn.register_forward_hook(
+                lambda m, args, out, i=int(name): outputs.__setitem__(i, out[0, -1].clone())))
+        with torch.no_grad():
+            model(ids, images=image.reshape(1, 1, 1, 3, size, size))
+        for hook in hooks:
+            hook.remove()
+        seen[question] = {i: (inputs[i], outputs[i]) for i in inputs}
+    first, *others = seen.values()
+    for other in others:
+        # xattn 0 at ":" gets the same query input, so writes the same thing, whatever the question...
+        assert torch.equal(other[0][0], first[0][0]) and torch.equal(other[0][1], first[0][1])
+        # ...while xattn 1's input there (after LM block 0 has attended over the question) differs.
+        assert (other[1][0] - first[1][0]).norm() > 1e-3 * first[1][0].norm()

@@ -340,33 +340,35 @@ def test_lm_pretrained_on_subject_lines_names_the_subject():
     assert correct >= 36, f"the LM named the subject in {correct}/40 unseen lines"
 
 
-def test_question_subject_names_the_looked_up_word_only_for_look_up_questions():
+def test_asked_word_names_the_subject_of_look_ups_and_the_direction_of_position_questions():
     from flamingo_fast.data.shapes import ShapesDataset
-    from train.pretrain import question_subject
+    from train.pretrain import asked_word
 
     data = ShapesDataset(split="val", n=400, seed=5, image_size=32, task="vqa")
     seen = set()
     for sample in data:
         kind, question = sample.meta["question_type"], sample.meta["question"]
-        subject = question_subject(sample)
+        word = asked_word(sample)
         if kind == "colour":  # "what colour is the circle?"
-            assert subject == question.removeprefix("what colour is the ").removesuffix("?")
+            assert word == question.removeprefix("what colour is the ").removesuffix("?")
         elif kind == "shape":  # "what shape is blue?"
-            assert subject == question.removeprefix("what shape is ").removesuffix("?")
+            assert word == question.removeprefix("what shape is ").removesuffix("?")
+        elif kind in ("left", "right"):  # "what is left of the red circle?"
+            assert question.startswith(f"what is {word} of the ") and word == kind
         else:
-            assert subject is None
+            assert kind == "count" and word is None
         seen.add(kind)
-    assert {"colour", "shape", "count"} <= seen
-    assert question_subject(ShapesDataset(split="val", n=1, seed=5, image_size=32, task="caption")[0]) is None
+    assert seen == {"colour", "shape", "count", "left", "right"}
+    assert asked_word(ShapesDataset(split="val", n=1, seed=5, image_size=32, task="caption")[0]) is None
 
 
 def test_subject_readout_makes_the_lm_carry_the_asked_word_to_the_answer_position():
-    """The stage-2 mechanism for look-ups: trained with the subject read-out, the LM's state at the answer
-    position of unseen look-up questions (the prompt's last token, as evaluation feeds it) names the asked word
-    at every layer boundary the xattn queries are built from, after only one LM block too."""
-    from flamingo_fast.data.sample import IMAGE_TOKEN
+    """The stage-2 mechanism for look-up and position questions: trained with the asked-word read-out, the LM's
+    state at the answer position of unseen questions (the prompt's last token, as evaluation feeds it) names the
+    asked word (a subject, or left/right) at every layer boundary the xattn queries are built from, after only
+    one LM block too. Each kind of question is checked on its own, so neither can ride on the other's score."""
     from flamingo_fast.data.shapes import ShapesDataset, shapes_tokenizer
-    from train.pretrain import pretrain_language_model, question_subject
+    from train.pretrain import asked_word, pretrain_language_model
 
     torch.manual_seed(0)
     tokenizer = shapes_tokenizer()
@@ -378,21 +380,39 @@ def test_subject_readout_makes_the_lm_carry_the_asked_word_to_the_answer_positio
                                      subject_weight=1.0)
     readouts = result.subject_readout.readouts
     assert len(readouts) == config.lm.layers  # inputs of blocks 1..L-1 and the final state
-    unseen = [s for s in ShapesDataset(split="val", n=300, seed=1, image_size=32, task="vqa") if question_subject(s)][:60]
-    correct = [0] * len(readouts)
+    asked = [s for s in ShapesDataset(split="val", n=600, seed=1, image_size=32, task="vqa") if asked_word(s)]
+    look_ups = [s for s in asked if s.meta["question_type"] in ("colour", "shape")][:60]
+    positions = [s for s in asked if s.meta["question_type"] in ("left", "right")][:40]
+    assert {s.meta["question_type"] for s in positions} == {"left", "right"}
+    assert all(len(s.answers[0].split()) == 2 for s in positions)  # "red circle": read at ":" and at "red"
+    _check_readouts(lm, tokenizer, readouts, look_ups, "look-up")
+    _check_readouts(lm, tokenizer, readouts, positions, "left/right")
+    assert pretrain_language_model(lm, tokenizer, questions.__getitem__, steps=1, batch_size=4, lr=1e-3).subject_readout is None
+
+
+def _check_readouts(lm, tokenizer, readouts, unseen, label: str) -> None:
+    """Every read-out names the asked word for >= 90% of `unseen`, from the state at every position that predicts
+    an answer word: the prompt's last token, and for two-word answers ("red circle") also the first word."""
+    from flamingo_fast.data.sample import IMAGE_TOKEN
+    from train.pretrain import asked_word
+
+    correct, total = [0] * len(readouts), 0
     lm.eval()
     with torch.no_grad():
         for sample in unseen:
-            ids = torch.tensor([[tokenizer.bos_id] + tokenizer.encode(sample.prompt.replace(IMAGE_TOKEN, ""))])
-            states = []
-            hidden = lm.hidden_states(lm.embed(ids), before_block=lambda i, x: (states.append(x) if i else None) or x)
-            states.append(hidden)
-            subject = tokenizer.encode(question_subject(sample))[0]
-            for k, (readout, x) in enumerate(zip(readouts, states)):
-                last = x[0, -1]
-                correct[k] += int(readout(torch.nn.functional.layer_norm(last, last.shape)).argmax()) == subject
-    assert min(correct) >= 0.9 * len(unseen), f"read-out right per boundary {correct} of {len(unseen)} unseen questions"
-    assert pretrain_language_model(lm, tokenizer, questions.__getitem__, steps=1, batch_size=4, lr=1e-3).subject_readout is None
+            prompt = [tokenizer.bos_id] + tokenizer.encode(sample.prompt.replace(IMAGE_TOKEN, ""))
+            words = sample.answers[0].split()
+            for given in range(len(words)):  # the prompt, then the prompt and the answer's first word
+                ids = torch.tensor([prompt + [tokenizer.encode(w)[0] for w in words[:given]]])
+                states = []
+                hidden = lm.hidden_states(lm.embed(ids), before_block=lambda i, x: (states.append(x) if i else None) or x)
+                states.append(hidden)
+                asked = tokenizer.encode(asked_word(sample))[0]
+                for k, (readout, x) in enumerate(zip(readouts, states)):
+                    last = x[0, -1]
+                    correct[k] += int(readout(torch.nn.functional.layer_norm(last, last.shape)).argmax()) == asked
+                total += 1
+    assert min(correct) >= 0.9 * total, f"read-out right per boundary {correct} of {total} unseen {label} states"
 
 
 def test_question_weights_shift_the_drawn_question_types():

@@ -19,10 +19,13 @@ stage the vision encoder and the LM must already be trained, then both are froze
   the asked shape. Two things make the LM carry the asked word there. `subject_lines` ("Question:what shape is
   blue? Output:blue") make the next word depend on the question's subject; trained first alone, then as a
   quarter of the text, they leave those states 17-65% apart (last to first layer; measured 2026-11-29). And the
-  subject read-out (`subject_weight`): a linear probe per layer boundary reads the asked word from the LM's
-  state at the answer position of a look-up question (the ":" of "Short answer:", the exact state every
-  xattn layer builds its query from), and its loss trains the LM; the probes are discarded afterwards. This
-  stands in for what a real LM brings from web-scale pretraining (attending back to what a question names).
+  asked-word read-out (`subject_weight`): a linear probe per layer boundary reads `asked_word` (a look-up's
+  subject, a position question's direction) from the LM's state at each position that predicts an answer word
+  (the ":" of "Short answer:", and "red" of a "red circle" answer: the states the xattn layers build those
+  words' queries from), and its loss trains the LM; the probes are discarded afterwards. This stands in for what
+  a real LM brings from web-scale pretraining (attending back to what a question names). Without the direction,
+  a probe told "what is left of ..." from "what is right of ..." at ":" at chance (0.50-0.64, 2026-12-04), so
+  xattn could not either.
 
 Both run on one process in plain PyTorch (no FSDP): they are the small warm-up stages of the demo; the
 Flamingo stage that follows is the real trainer (train.loop).
@@ -55,7 +58,7 @@ class StageResult:
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
-    subject_accuracy: float | None = None  # stage 2's subject read-out on its last batch (subject_weight > 0)
+    subject_accuracy: float | None = None  # stage 2's asked-word read-out on its last batch (subject_weight > 0)
     subject_readout: "SubjectReadout | None" = None  # the trained read-out (not part of the model)
 
 
@@ -100,12 +103,18 @@ def _subject_word(question: str) -> str:
     return question.rstrip("?").split()[-1]
 
 
-def question_subject(sample: Sample) -> str | None:
-    """The word a shapes look-up question asks about, or None for any other sample."""
+def asked_word(sample: Sample) -> str | None:
+    """The word a shapes question's answer hinges on, which the LM must carry to the answer position: a
+    look-up's subject ("what colour is the circle?" -> "circle", "what shape is blue?" -> "blue") or a position
+    question's direction ("what is left of the red circle?" -> "left"); None for counting (its text never
+    changes) and for any other sample."""
     meta = sample.meta or {}
-    if sample.task != "vqa" or meta.get("question_type") not in LOOKUP_TYPES:
-        return None
-    return _subject_word(meta["question"])
+    question_type = meta.get("question_type") if sample.task == "vqa" else None
+    if question_type in LOOKUP_TYPES:
+        return _subject_word(meta["question"])
+    if question_type in ("left", "right"):
+        return question_type
+    return None
 
 
 def subject_lines(seed: int = 0) -> Callable[[int], Sample]:
@@ -154,20 +163,22 @@ class SubjectReadout(nn.Module):
 def _one_token(tokenizer: Tokenizer, word: str) -> int:
     ids = tokenizer.encode(word)
     if len(ids) != 1:
-        raise ValueError(f"the subject read-out needs one-token subjects; the tokenizer splits {word!r} into {ids}")
+        raise ValueError(f"the asked-word read-out needs one-token words; the tokenizer splits {word!r} into {ids}")
     return ids[0]
 
 
-def _answer_position(tokenizer: Tokenizer, sample: Sample) -> int:
-    """Index, in [bos] + tokens(lm_text(sample)), of the prompt's last token (whose next token is the answer)."""
-    return len(tokenizer.encode(sample.prompt.replace(IMAGE_TOKEN, "")))
+def _answer_positions(tokenizer: Tokenizer, sample: Sample) -> range:
+    """Indices, in [bos] + tokens(lm_text(sample)), of the tokens that predict the answer's words: the prompt's
+    last token, then every answer word but the last ("red" of "red circle" predicts "circle")."""
+    start = len(tokenizer.encode(sample.prompt.replace(IMAGE_TOKEN, "")))
+    return range(start, start + len(tokenizer.encode(sample.answers[0])))
 
 
 def pretrain_language_model(lm: nn.Module, tokenizer: Tokenizer, samples: Callable[[int], Sample], steps: int,
                             batch_size: int, lr: float, warmup: int = 20, log: Callable[[str], None] | None = None,
                             log_every: int = 50, subject_weight: float = 0.0) -> StageResult:
     """Train `lm` (a flamingo_fast LanguageModel) on text; `samples(i)` gives the i-th training sample. With
-    `subject_weight` > 0 the loss adds that times the subject read-out's loss on the batch's look-up questions
+    `subject_weight` > 0 the loss adds that times the asked-word read-out's loss on the batch's questions
     (module docstring); the result's `subject_accuracy` is then the read-out's accuracy on the last batch."""
     if subject_weight < 0:
         raise ValueError(f"subject_weight must be >= 0, got {subject_weight}")
@@ -185,8 +196,9 @@ def pretrain_language_model(lm: nn.Module, tokenizer: Tokenizer, samples: Callab
         rows = [[tokenizer.bos_id] + tokenizer.encode(lm_text(sample)) for sample in batch]
         ids, lengths = _pad(rows, tokenizer.pad_id)
         targets = ids[:, 1:].masked_fill(torch.arange(1, ids.shape[1])[None, :] >= lengths[:, None], -100)
-        asked = [(i, _answer_position(tokenizer, sample), _one_token(tokenizer, subject))
-                 for i, sample in enumerate(batch) if probes is not None and (subject := question_subject(sample))]
+        asked = [(i, position, _one_token(tokenizer, word))
+                 for i, sample in enumerate(batch) if probes is not None and (word := asked_word(sample))
+                 for position in _answer_positions(tokenizer, sample)]
         states: list[torch.Tensor] = []  # the inputs of blocks 1..L-1, then the final state (SubjectReadout)
 
         def keep_block_inputs(i: int, x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +215,7 @@ def pretrain_language_model(lm: nn.Module, tokenizer: Tokenizer, samples: Callab
             asked_rows, positions, subjects = (torch.tensor(column) for column in zip(*asked))
             subject_loss, result.subject_accuracy = probes.loss_and_accuracy(states, asked_rows, positions, subjects)
             loss = loss + subject_weight * subject_loss
-            message = f"  subject read-out accuracy {result.subject_accuracy:.3f}"
+            message = f"  asked-word read-out accuracy {result.subject_accuracy:.3f}"
         _optimizer_step(optimizer, schedule, params, loss)
         result.losses.append(loss.item())
         if log and (step % log_every == 0 or step == steps - 1):
