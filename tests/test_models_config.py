@@ -87,11 +87,31 @@ def test_nested_overrides_and_dict_round_trip():
         ({"lm": {"heads": 3}}, "heads"),
         ({"vision": {"image_size": 30}}, "patch_size"),
         ({"xattn": {"every": 0}}, "every"),
+        # Zero, negative and wrong-typed sizes: each names its field (some used to build a model silently).
+        ({"lm": {"dim": 0}}, r"lm\.dim must be an int >= 1, got 0"),
+        ({"lm": {"layers": -1}}, r"lm\.layers must be an int >= 1, got -1"),
+        ({"lm": {"ffn_dim": 2.5}}, r"lm\.ffn_dim must be an int >= 1, got 2\.5"),
+        ({"lm": {"kv_heads": 0}}, r"lm\.kv_heads must be an int >= 1"),
+        ({"lm": {"norm_eps": 0.0}}, r"lm\.norm_eps must be a finite number > 0"),
+        ({"lm": {"rope_theta": float("nan")}}, r"lm\.rope_theta must be a finite number > 0"),
+        ({"lm": {"max_seq_len": True}}, r"lm\.max_seq_len must be an int >= 1, got True"),
+        ({"vision": {"width": "64"}}, r"vision\.width must be an int >= 1, got '64'"),
+        ({"vision": {"image_size": 0}}, r"vision\.image_size must be an int >= 1"),
+        ({"vision": {"layers": 0}}, r"vision\.layers must be an int >= 1"),
+        ({"xattn": {"heads": 0}}, r"xattn\.heads must be an int >= 1"),
+        ({"xattn": {"first_layer": -1}}, r"xattn\.first_layer must be an int >= 0"),
+        ({"resampler": {"n_latents": 0}}, r"resampler\.n_latents must be an int >= 1"),
+        ({"resampler": {"layer_norm_eps": -1e-5}}, r"resampler\.layer_norm_eps must be a finite number > 0"),
     ],
 )
 def test_bad_overrides(overrides, match):
     with pytest.raises(ValueError, match=match):
         FlamingoConfig.from_preset("demo", **overrides)
+
+
+def test_zero_first_layer_and_optional_kv_heads_stay_valid():
+    cfg = FlamingoConfig.from_preset("demo", xattn={"first_layer": 0, "kv_heads": None}, lm={"kv_heads": None})
+    assert cfg.xattn_layer_ids[0] == 0 and cfg.lm.n_kv_heads == cfg.lm.heads
 
 
 def test_unknown_preset():

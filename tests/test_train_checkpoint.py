@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from flamingo_fast import Flamingo, FlamingoConfig
-from train.checkpoint import COMPLETE, CheckpointManager, SafeFileSystemReader, load_model_weights
+from train.checkpoint import (COMPLETE, MANIFEST, CheckpointManager, CorruptCheckpointError, SafeFileSystemReader,
+                              load_model_weights)
 from train.config import OptimSection
 from train.optim import build_optimizer
 
@@ -177,14 +179,82 @@ def test_resaving_a_step_replaces_it_and_leaves_nothing_aside(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_00000001"]
 
 
-def test_a_missing_rank_state_of_the_same_world_size_is_an_error_naming_the_checkpoint(tmp_path):
+def test_a_missing_rank_state_is_an_error_naming_the_checkpoint_and_file(tmp_path):
     model, optimizer = make()
     manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
     path = manager.save(1, model, optimizer, {}, {"data": {"pos": 3}})
+    intact = manager.save(2, model, optimizer, {}, {"data": {"pos": 4}})
     (path / "rank_0.json").unlink()
     other, other_opt = make(seed=9)
-    with pytest.raises(ValueError, match=r"step_00000001: rank_0.json is missing .* not be exact"):
+    with pytest.raises(CorruptCheckpointError, match=r"step_00000001: rank_0.json is missing"):
         manager.load(path, other, other_opt)
     # Written with another world size: the per-rank state does not apply and is not asked for.
     elsewhere = CheckpointManager(tmp_path / "ckpt", keep_last=2, rank=0, world_size=2)
-    assert elsewhere.load(path, other, other_opt)[1] is None
+    assert elsewhere.load(intact, other, other_opt)[1] is None
+
+
+# -- corruption matrix: each file kind of a checkpoint x (delete, truncate, flip a byte) ----------------------------
+FILE_KINDS = (".metadata", "__0_0.distcp", "trainer.json", "rank_0.json", MANIFEST)
+
+
+def _damage(path, fault: str) -> None:
+    if fault == "delete":
+        path.unlink()
+    elif fault == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # flip one byte in the middle, size unchanged (bit rot, a partial overwrite)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fault", ["delete", "truncate", "flip"])
+@pytest.mark.parametrize("name", FILE_KINDS)
+def test_a_damaged_checkpoint_file_is_an_error_naming_the_folder_and_the_file(tmp_path, name, fault):
+    """Expected per cell: delete and truncate are caught by `latest()` (manifest sizes, no hashing); a flipped
+    byte keeps the size, so `latest()` lists the folder and `load()` catches it by SHA-256. A flipped byte in the
+    manifest itself makes it unreadable or changes a recorded hash; either way the folder is refused. The model
+    is never touched by a refused load."""
+    model, optimizer = make()
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    manager.save(1, model, optimizer, {"version": "old"}, {"data": {"pos": 1}})
+    train_one_step(model, optimizer)
+    path = manager.save(2, model, optimizer, {"version": "new"}, {"data": {"pos": 2}})
+    _damage(path / name, fault)
+    other, other_opt = make(seed=9)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    expected = rf"checkpoint .*step_00000002: {re.escape(name)} "
+    if name == MANIFEST and fault == "flip":  # the manifest no longer parses, or names a file it now mismatches
+        expected = rf"checkpoint .*step_00000002: .*{re.escape(MANIFEST)}"
+    if fault == "flip" and name != MANIFEST:
+        assert manager.latest() == path  # sizes still match: only the hash can tell
+        with pytest.raises(CorruptCheckpointError, match=expected):
+            manager.load(path, other, other_opt)
+    else:
+        with pytest.raises(CorruptCheckpointError, match=expected):
+            manager.latest() if fault != "flip" else manager.load(path, other, other_opt)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    # The older checkpoint still verifies and loads.
+    assert manager.load(tmp_path / "ckpt" / "step_00000001", other, other_opt)[0]["version"] == "old"
+
+
+def test_a_checkpoint_without_its_complete_marker_is_not_listed(tmp_path):
+    model, optimizer = make()
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    first = manager.save(1, model, optimizer, {}, {})
+    (manager.save(2, model, optimizer, {}, {}) / COMPLETE).unlink()
+    assert manager.latest() == first
+
+
+def test_the_manifest_lists_every_file_with_its_size_and_sha256(tmp_path):
+    import hashlib
+    import json
+
+    model, optimizer = make()
+    path = CheckpointManager(tmp_path / "ckpt").save(1, model, optimizer, {}, {"data": {}})
+    files = json.loads((path / MANIFEST).read_text())["files"]
+    on_disk = {p.name for p in path.iterdir()} - {MANIFEST, COMPLETE}
+    assert set(files) == on_disk and {".metadata", "__0_0.distcp", "trainer.json", "rank_0.json"} <= on_disk
+    for name, record in files.items():
+        data = (path / name).read_bytes()
+        assert record == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

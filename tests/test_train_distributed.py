@@ -109,3 +109,26 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path):
     for step in range(resumed_from + 1, 9):
         assert abs(got[step]["loss"] - want[step]["loss"]) <= 1e-6, (step, got[step]["loss"], want[step]["loss"])
         assert abs(got[step]["grad_norm"] - want[step]["grad_norm"]) <= 1e-6 * max(1.0, want[step]["grad_norm"])
+
+
+@pytest.mark.slow
+def test_two_rank_checkpoint_manifest_covers_every_rank_and_a_corrupt_shard_stops_both_ranks(tmp_path):
+    """Each rank hashes the files it wrote; on resume each rank hashes a share of the files and all ranks get
+    one verdict, so a bad shard stops every rank (none is left waiting in a collective)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    args = ["-m", "train", "--config", "tiny", ONE_SOURCE, "--train.steps=2", "--checkpoint.every=2",
+            "--eval.at_end=false", f"--train.out_dir={tmp_path}"]
+    _check(subprocess.run([*launch, f"--master_port={_free_port()}", *args], env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300))
+    folder = tmp_path / "checkpoints" / "step_00000002"
+    files = json.loads((folder / "MANIFEST.json").read_text())["files"]
+    assert {"__0_0.distcp", "__1_0.distcp", "rank_0.json", "rank_1.json", ".metadata", "trainer.json"} <= set(files)
+    assert not list(folder.glob(".manifest_rank_*"))  # the per-rank parts were merged and removed
+    shard = folder / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    resumed = subprocess.run([*launch, f"--master_port={_free_port()}", *args, "--train.steps=3", "--resume"],
+                             env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode != 0
+    assert resumed.stderr.count("__1_0.distcp does not match its SHA-256") >= 2  # both ranks say why

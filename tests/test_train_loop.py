@@ -227,3 +227,24 @@ def test_fsdp_bf16_mixed_precision_on_real_tensors_computes_in_bf16_and_keeps_fp
         assert not got.skipped and got.grad_norm > 0
     finally:
         shutdown_distributed()
+
+
+def test_resume_refuses_a_corrupt_checkpoint_or_with_fallback_takes_the_previous_one(tmp_path):
+    from train.checkpoint import CorruptCheckpointError
+
+    Trainer(tiny(tmp_path, "--train.steps=2", "--checkpoint.every=1", "--eval.at_end=false")).run()
+    folder = tmp_path / "checkpoints"
+    for step in (1, 2):
+        assert (folder / f"step_0000000{step}" / "COMPLETE").is_file()
+    shard = folder / "step_00000002" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # bit rot: same size, different bytes
+    shard.write_bytes(bytes(data))
+
+    with pytest.raises(CorruptCheckpointError, match=r"step_00000002: __0_0.distcp does not match .*checkpoint.fallback"):
+        Trainer(tiny(tmp_path, "--train.steps=2", "--checkpoint.resume=true")).resume()
+    fallback = Trainer(tiny(tmp_path, "--train.steps=2", "--checkpoint.resume=true", "--checkpoint.fallback=true"))
+    assert fallback.resume() and fallback.step == 1
+    (folder / "step_00000001" / "trainer.json").unlink()
+    with pytest.raises(CorruptCheckpointError, match="none of the 2 checkpoints"):
+        Trainer(tiny(tmp_path, "--train.steps=2", "--checkpoint.resume=true", "--checkpoint.fallback=true")).resume()

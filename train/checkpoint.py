@@ -5,11 +5,18 @@ Layout of one checkpoint, `<folder>/step_00001200/`:
                                    rank writes its own shards, so a 256-rank run never gathers weights
     trainer.json                   step, schedule, counters, world size (rank 0)
     rank_<r>.json                  per-rank state: data pipeline, RNG states (Python, NumPy, torch, CUDA)
+    MANIFEST.json                  size and SHA-256 of every file above (each rank hashes the files it wrote)
     COMPLETE                       written last
 
 Atomicity: everything is written into `<folder>/.tmp-step_00001200/` and renamed to `step_00001200/` by
 rank 0 only after every rank has finished (barrier). A crash leaves at most a `.tmp-*` folder, which
 `latest()` never picks and the next save deletes. `keep_last` complete checkpoints are kept.
+
+Integrity: `latest()` checks that the newest complete folder has its manifest and that every file has its
+recorded size (cheap); `load()` also checks every file's SHA-256 (each rank a share, the verdict shared by all ranks, so a bad
+file can't leave one rank waiting for the others). Either failure is a `CorruptCheckpointError` naming the
+folder and the file; `checkpoint.fallback = true` makes the trainer resume from the newest checkpoint that
+verifies instead.
 
 Safety: nothing is unpickled beyond DCP's index. Tensors load with `torch.load(weights_only=True)` (DCP
 does that); the `.metadata` index is read with an allow-list unpickler that only builds DCP's own
@@ -21,6 +28,7 @@ such as RNG states, are stored as base64 bytes with their dtype and shape). Opti
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import pickle
@@ -50,6 +58,7 @@ from flamingo_fast.data.tokenizer import Tokenizer
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
 TRAINER_FILE = "trainer.json"
+MANIFEST = "MANIFEST.json"
 SET_ASIDE_PREFIX = ".old-"  # a complete checkpoint moved aside while the same step is re-saved
 
 
@@ -235,6 +244,71 @@ def export_pretrained(model: nn.Module, tokenizer: Tokenizer, folder: str | Path
     _barrier()
 
 
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint folder whose manifest is missing or unreadable, or a file that is missing or differs from it."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_records(folder: Path, names: list[str]) -> dict[str, dict]:
+    return {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in names}
+
+
+def read_manifest(folder: Path) -> dict[str, dict]:
+    """{file name: {"bytes", "sha256"}} of a checkpoint folder; CorruptCheckpointError if missing or unreadable."""
+    path = folder / MANIFEST
+    try:
+        files = json.loads(path.read_text())["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) and {"bytes", "sha256"} <= set(v)
+                                                  for v in files.values()):
+            raise ValueError("no {file: {bytes, sha256}} table")
+        if any(Path(name).name != name or name in (".", "..") for name in files):
+            raise ValueError("a file name points outside the folder")
+        return files
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"checkpoint {folder}: {MANIFEST} is missing") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise CorruptCheckpointError(f"checkpoint {folder}: {MANIFEST} is unreadable ({error})") from None
+
+
+def check_sizes(folder: Path) -> None:
+    """Every file the manifest lists exists with its recorded size (no hashing); CorruptCheckpointError if not."""
+    for name, record in read_manifest(folder).items():
+        path = folder / name
+        if not path.is_file():
+            raise CorruptCheckpointError(f"checkpoint {folder}: {name} is missing")
+        if path.stat().st_size != record["bytes"]:
+            raise CorruptCheckpointError(f"checkpoint {folder}: {name} has {path.stat().st_size} bytes, "
+                                         f"the manifest says {record['bytes']} (truncated or overwritten)")
+
+
+def verify_checkpoint(folder: Path, rank: int = 0, world_size: int = 1) -> None:
+    """Sizes of every file, and the SHA-256 of this rank's share of them; every rank must call this and all
+    get the same verdict (CorruptCheckpointError naming the folder and the first bad file)."""
+    problem = None
+    try:
+        check_sizes(folder)
+        files = sorted(read_manifest(folder).items())
+        for name, record in files[rank::world_size]:
+            if _sha256(folder / name) != record["sha256"]:
+                problem = f"checkpoint {folder}: {name} does not match its SHA-256 in {MANIFEST} (corrupted)"
+                break
+    except CorruptCheckpointError as error:
+        problem = str(error)
+    if dist.is_available() and dist.is_initialized():
+        problems: list = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problem = next((p for p in problems if p), None)
+    if problem:
+        raise CorruptCheckpointError(problem)
+
+
 class CheckpointManager:
     """Save/find/load checkpoints in `folder` (see the module docstring)."""
 
@@ -258,6 +332,14 @@ class CheckpointManager:
                 found.append((int(match.group(1)), child))
         return sorted(found)
 
+    def newest_first(self) -> list[Path]:
+        """Complete checkpoints, newest first; every rank must call this (rank 0 first repairs an interrupted
+        re-save)."""
+        if self.folder.is_dir():
+            self._recover_set_aside()
+        _barrier()
+        return [path for _, path in reversed(self.complete_checkpoints())]
+
     def _recover_set_aside(self) -> None:
         """A `.old-step_N` folder is a complete checkpoint set aside by an interrupted re-save of step N: put it
         back if step_N did not make it in, else it is garbage."""
@@ -272,12 +354,12 @@ class CheckpointManager:
                 os.rename(aside, final)
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint; every rank must call this (rank 0 first repairs an interrupted re-save)."""
-        if self.folder.is_dir():
-            self._recover_set_aside()
-        _barrier()
-        found = self.complete_checkpoints()
-        return found[-1][1] if found else None
+        """The newest complete checkpoint, or None; every rank must call this. Raises CorruptCheckpointError if
+        its manifest is missing or a file is missing or has the wrong size (not hashed: `load` does that)."""
+        found = self.newest_first()
+        if found:
+            check_sizes(found[0])
+        return found[0] if found else None
 
     # -- save -----------------------------------------------------------------------------------------------
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
@@ -294,10 +376,19 @@ class CheckpointManager:
         optim_state = _optimizer_template(model, optimizer)
         state = {"model": get_model_state_dict(model), "optim": {"state": optim_state["state"]}}
         dcp.save(state, storage_writer=FileSystemWriter(str(tmp), sync_files=True), **_dcp_process_group_kwargs())
-        _write_json(tmp / f"rank_{self.rank}.json", rank_state)
+        rank_file = f"rank_{self.rank}.json"
+        _write_json(tmp / rank_file, rank_state)
+        # Each rank hashes what it wrote (its DCP shards and state file), so no rank reads the whole checkpoint.
+        mine = sorted(p.name for p in tmp.glob(f"__{self.rank}_*.distcp")) + [rank_file]
+        _write_json(tmp / f".manifest_rank_{self.rank}.json", _file_records(tmp, mine))
         _barrier()
         if self.rank == 0:
             _write_json(tmp / TRAINER_FILE, {**trainer_state, "step": step, "world_size": self.world_size})
+            files = _file_records(tmp, [n for n in (".metadata", TRAINER_FILE) if (tmp / n).is_file()])
+            for part in sorted(tmp.glob(".manifest_rank_*.json")):
+                files.update(_read_json(part))
+                part.unlink()
+            _write_json(tmp / MANIFEST, {"files": dict(sorted(files.items()))})
             (tmp / COMPLETE).write_text(f"{step}\n")
             if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
                 # Renames only until the new folder is in place: a kill at any point leaves either the old or
@@ -325,6 +416,7 @@ class CheckpointManager:
         path = Path(path)
         if not (path / COMPLETE).is_file():
             raise ValueError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+        verify_checkpoint(path, self.rank, self.world_size)
         optim_state = _optimizer_template(model, optimizer)
         state = {"model": get_model_state_dict(model), "optim": {"state": optim_state["state"]}}
         dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), **_dcp_process_group_kwargs())

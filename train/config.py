@@ -110,6 +110,7 @@ class CheckpointSection:
     every: int = 0  # save every N optimizer steps (0: only at the end of the run)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
     resume: bool = False  # start from the latest complete checkpoint in the run folder, if any
+    fallback: bool = False  # on resume, skip checkpoints that fail verification (else: stop with the error)
     folder: str = "checkpoints"  # relative to train.out_dir
     save_final: bool = True
     export_safetensors: bool = False  # also write out_dir/model.safetensors (full weights) at the end

@@ -35,7 +35,8 @@ from torch import nn
 from flamingo_fast.models.config import FlamingoConfig
 from flamingo_fast.models.flamingo import Flamingo
 
-from train.checkpoint import CheckpointManager, export_pretrained, load_model_weights, rng_state, set_rng_state
+from train.checkpoint import (CheckpointManager, CorruptCheckpointError, export_pretrained, load_model_weights,
+                              rng_state, set_rng_state)
 from train.config import TrainConfig, to_toml
 from train.data import build_tokenizer, build_train_loader, eval_collator, eval_samples, steps_per_epoch
 from train.evaluate import EvalResult, evaluate
@@ -249,11 +250,24 @@ class Trainer:
         return self.checkpoints.save(self.step, self.model, self.optimizer, self.trainer_state(), self.rank_state())
 
     def resume(self) -> bool:
-        """Load the latest complete checkpoint of the run folder; False when there is none."""
-        path = self.checkpoints.latest()
-        if path is None:
+        """Load the latest complete checkpoint of the run folder; False when there is none. One that fails
+        verification stops the run, or with `checkpoint.fallback` is skipped for the next older one."""
+        found = self.checkpoints.newest_first()
+        for path in found:
+            try:
+                trainer_state, rank_state = self.checkpoints.load(path, self.model, self.optimizer)
+                break
+            except CorruptCheckpointError as error:
+                if not self.cfg.checkpoint.fallback:
+                    raise CorruptCheckpointError(
+                        f"{error}. Resume from the previous complete checkpoint with --checkpoint.fallback=true, "
+                        f"or move {path} away") from None
+                self._log(f"[yellow]{error}; trying the previous checkpoint (checkpoint.fallback)")
+        else:
+            if found:
+                raise CorruptCheckpointError(f"none of the {len(found)} checkpoints in {self.checkpoints.folder} "
+                                             "verifies (see the warnings above); nothing was resumed")
             return False
-        trainer_state, rank_state = self.checkpoints.load(path, self.model, self.optimizer)
         self.step = int(trainer_state["step"])
         self.schedule.load_state_dict(trainer_state["schedule"])
         self.skipped_steps = int(trainer_state["skipped_steps"])

@@ -35,6 +35,23 @@ from typing import Any, Optional
 TRAINABLE_MODES = ("flamingo", "all", "lm", "vision")
 
 
+def _check_numbers(section: str, config: Any, may_be_zero: tuple[str, ...] = ()) -> None:
+    """Every int field is an int (not a bool) >= 1 (>= 0 if named in `may_be_zero`; None where the field is
+    Optional), every float field a finite number > 0: a zero, negative or wrong-typed size fails here, naming the
+    field, instead of building a broken model or failing inside torch."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type in ("int", "Optional[int]"):
+            if value is None and f.type == "Optional[int]":
+                continue
+            low = 0 if f.name in may_be_zero else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{section}.{f.name} must be an int >= {low}, got {value!r}")
+        elif f.type == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{section}.{f.name} must be a finite number > 0, got {value!r}")
+
+
 @dataclass
 class VisionConfig:
     """A CLIP-structured ViT (pre-LN). Features are the patch tokens (and the class token if asked)."""
@@ -67,6 +84,7 @@ class VisionConfig:
         return self.num_patches + int(self.class_token and self.output_class_token)
 
     def validate(self) -> None:
+        _check_numbers("vision", self)
         if self.image_size % self.patch_size:
             raise ValueError(f"vision.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
@@ -109,6 +127,7 @@ class PerceiverConfig:
     layer_norm_eps: float = 1e-5
 
     def validate(self) -> None:
+        _check_numbers("resampler", self)
         if self.max_frames < 1:
             raise ValueError(f"resampler.max_frames must be >= 1, got {self.max_frames}")
         if self.spatial_embedding not in SPATIAL_EMBEDDINGS:
@@ -140,6 +159,7 @@ class XAttnConfig:
         return self.heads if self.kv_heads is None else self.kv_heads
 
     def validate(self) -> None:
+        _check_numbers("xattn", self, may_be_zero=("first_layer",))
         if self.every < 1:
             raise ValueError(f"xattn.every must be >= 1, got {self.every}")
         if self.first_layer < 0:
@@ -173,6 +193,7 @@ class LMConfig:
         return self.heads if self.kv_heads is None else self.kv_heads
 
     def validate(self) -> None:
+        _check_numbers("lm", self)
         if self.dim % self.heads:
             raise ValueError(f"lm.dim {self.dim} must be divisible by heads {self.heads}")
         if self.heads % self.n_kv_heads:
