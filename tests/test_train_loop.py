@@ -241,7 +241,8 @@ def test_resume_refuses_a_corrupt_checkpoint_or_with_fallback_takes_the_previous
     data[len(data) // 2] ^= 0x01  # bit rot: same size, different bytes
     shard.write_bytes(bytes(data))
 
-    with pytest.raises(CorruptCheckpointError, match=r"step_00000002: __0_0.distcp does not match .*checkpoint.fallback"):
+    expected = r"step_00000002: __0_0.distcp does not match .*checkpoint.fallback"
+    with pytest.raises(CorruptCheckpointError, match=expected):
         Trainer(tiny(tmp_path, "--train.steps=2", "--checkpoint.resume=true")).resume()
     fallback = Trainer(tiny(tmp_path, "--train.steps=2", "--checkpoint.resume=true", "--checkpoint.fallback=true"))
     assert fallback.resume() and fallback.step == 1

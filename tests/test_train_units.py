@@ -387,7 +387,8 @@ def test_subject_readout_makes_the_lm_carry_the_asked_word_to_the_answer_positio
     assert all(len(s.answers[0].split()) == 2 for s in positions)  # "red circle": read at ":" and at "red"
     _check_readouts(lm, tokenizer, readouts, look_ups, "look-up")
     _check_readouts(lm, tokenizer, readouts, positions, "left/right")
-    assert pretrain_language_model(lm, tokenizer, questions.__getitem__, steps=1, batch_size=4, lr=1e-3).subject_readout is None
+    without = pretrain_language_model(lm, tokenizer, questions.__getitem__, steps=1, batch_size=4, lr=1e-3)
+    assert without.subject_readout is None
 
 
 def _check_readouts(lm, tokenizer, readouts, unseen, label: str) -> None:
@@ -405,7 +406,8 @@ def _check_readouts(lm, tokenizer, readouts, unseen, label: str) -> None:
             for given in range(len(words)):  # the prompt, then the prompt and the answer's first word
                 ids = torch.tensor([prompt + [tokenizer.encode(w)[0] for w in words[:given]]])
                 states = []
-                hidden = lm.hidden_states(lm.embed(ids), before_block=lambda i, x: (states.append(x) if i else None) or x)
+                keep = lambda i, x: (states.append(x) if i else None) or x  # noqa: E731 - inputs of blocks 1..
+                hidden = lm.hidden_states(lm.embed(ids), before_block=keep)
                 states.append(hidden)
                 asked = tokenizer.encode(asked_word(sample))[0]
                 for k, (readout, x) in enumerate(zip(readouts, states)):

@@ -13,8 +13,8 @@ rank 0 only after every rank has finished (barrier). A crash leaves at most a `.
 `latest()` never picks and the next save deletes. `keep_last` complete checkpoints are kept.
 
 Integrity: `latest()` checks that the newest complete folder has its manifest and that every file has its
-recorded size (cheap); `load()` also checks every file's SHA-256 (each rank a share, the verdict shared by all ranks, so a bad
-file can't leave one rank waiting for the others). Either failure is a `CorruptCheckpointError` naming the
+recorded size (cheap); `load()` also checks every file's SHA-256 (each rank a share, the verdict shared by all
+ranks, so a bad file can't leave one rank waiting for the others). Either failure is a `CorruptCheckpointError` naming the
 folder and the file; `checkpoint.fallback = true` makes the trainer resume from the newest checkpoint that
 verifies instead.
 

@@ -5,8 +5,8 @@ Stages (all on this machine, minutes on a 2-core CPU):
              term (each shape's patches against its name), weighted up: it teaches shape kinds (train/pretrain.py)
   2. lm      the demo LM trains on lines that repeat a question's subject, then on shapes text (captions and
              QA, no images) with a quarter of such lines and a read-out of the asked word (a look-up's
-             subject, a position question's direction) at each question's answer position, so it carries
-             what is asked to the answer (train/pretrain.py)
+             subject, a position question's direction) at each position that predicts an answer word, so it
+             carries what is asked to the answer (train/pretrain.py)
   3. flamingo both are frozen; the real trainer (train/loop.py, train/configs/demo.toml) trains only the
              Perceiver Resampler, the gated xattn-dense layers and the 2 special-token rows, starting from
              the stage 1-2 weights (model.init_from)
@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lm-subject-every", type=int, default=4,
                         help="then every N-th text sample is a subject line (0: none)")
     parser.add_argument("--lm-subject-weight", type=float, default=1.0,
-                        help="weight of stage 2's asked-word read-out loss: the LM's state at a question's answer position "
-                        "must name the asked word, a look-up's subject or a position question's direction "
-                        "(train/pretrain.py; 0: off)")
+                        help="weight of stage 2's asked-word read-out loss: the LM's states that predict a question's "
+                        "answer words must name the asked word, a look-up's subject or a position question's "
+                        "direction (train/pretrain.py; 0: off)")
     parser.add_argument("--lm-steps", type=int, default=150, help="text steps of stage 2")
     parser.add_argument("--lm-batch", type=int, default=64)
     parser.add_argument("--lm-lr", type=float, default=3e-3)
