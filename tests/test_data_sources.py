@@ -203,3 +203,64 @@ def test_vqav2(tmp_path):
         qs = tmp_path / "q2.json"
         qs.write_text(json.dumps({"questions": []}))
         VQAv2Dataset(qs, image_root)
+
+
+def _rewrite(path, key, index, value):
+    data = json.loads(path.read_text())
+    data[key][index] = value
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("entry,expected", [
+    ("not an object", r"annotations\[1\] must be an object with an int or string question_id"),
+    ({"answers": []}, r"annotations\[1\] must be an object"),
+    ({"question_id": [1, 2]}, r"annotations\[1\] must be an object"),
+    ({"question_id": True}, r"annotations\[1\] must be an object"),
+])
+def test_vqav2_malformed_annotation_entry_names_the_file_and_entry(tmp_path, entry, expected):
+    questions, annotations, image_root = make_vqav2(tmp_path)
+    _rewrite(annotations, "annotations", 1, entry)
+    with pytest.raises(ValueError, match=rf"annotations\.json: {expected}"):
+        VQAv2Dataset(questions, image_root, annotations)
+
+
+@pytest.mark.parametrize("entry", [
+    "not an object",
+    {"image_id": 42, "question": "Is it red?"},  # no question_id
+    {"image_id": "42", "question": "Is it red?", "question_id": 9},  # image id as a string
+    {"image_id": 42, "question": ["Is it red?"], "question_id": 9},
+    {"image_id": None, "question": "Is it red?", "question_id": 9},
+])
+def test_vqav2_malformed_question_entry_is_a_bad_record_naming_the_file_and_entry(tmp_path, entry):
+    questions, annotations, image_root = make_vqav2(tmp_path)
+    _rewrite(questions, "questions", 2, entry)
+    dataset = VQAv2Dataset(questions, image_root)
+    with pytest.raises(BadSampleError, match=r"questions\.json: questions\[2\] needs") as error:
+        dataset[2]
+    assert error.value.reason == "bad_record"  # skipped and counted by the pipeline, like a broken image
+    assert dataset[1].id == "421"  # the other entries still load
+
+
+def test_vqav2_answers_that_are_not_a_list_of_objects_fall_back_to_the_main_answer(tmp_path):
+    questions, annotations, image_root = make_vqav2(tmp_path)
+    data = json.loads(annotations.read_text())
+    data["annotations"][1]["answers"] = "yes"
+    data["annotations"][0]["answers"] = ["yes", {"answer": "no"}]
+    annotations.write_text(json.dumps(data))
+    dataset = VQAv2Dataset(questions, image_root, annotations)
+    assert dataset[1].answers == ["yes"] and dataset[0].answers == ["no"]
+
+
+@pytest.mark.parametrize("entry,expected", [
+    ("not an object", r"images\[1\] must be an object"),
+    ({"split": "train", "filename": "x.jpg", "sentences": "a caption"}, r"images\[1\]\.sentences must be a list"),
+    ({"split": "train", "filename": "x.jpg", "sentences": ["a caption"]}, r"images\[1\]\.sentences must be a list"),
+    ({"split": "train", "filename": 7, "sentences": [{"raw": "a caption"}]}, r"images\[1\]: filename and filepath"),
+    ({"split": "train", "filename": "x.jpg", "filepath": None, "sentences": [{"raw": "c"}]},
+     r"images\[1\]: filename and"),
+])
+def test_karpathy_malformed_entry_names_the_file_and_entry(tmp_path, entry, expected):
+    annotations, image_root = make_karpathy(tmp_path, "coco")
+    _rewrite(annotations, "images", 1, entry)
+    with pytest.raises(ValueError, match=rf"dataset_coco\.json: {expected}"):
+        CaptionDataset(annotations, image_root, split="train")

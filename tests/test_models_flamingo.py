@@ -268,6 +268,8 @@ def test_cache_rejects_more_images_than_cached():
     "case,exc,match",
     [
         ("ids_1d", ValueError, "input_ids must be 2-D"),
+        ("empty_batch", ValueError, r"input_ids must be 2-D \(B, S\) with B >= 1 and S >= 1, got shape \(0, 6\)"),
+        ("empty_sequence", ValueError, r"with B >= 1 and S >= 1, got shape \(2, 0\)"),
         ("ids_int32", TypeError, "input_ids must be a torch.long"),
         ("ids_out_of_range", ValueError, r"input_ids must lie in \[0, 32\)"),
         ("images_rank", ValueError, r"images must be 6-D \(B, T_img, F, C, H, W\)"),
@@ -298,6 +300,10 @@ def test_bad_input(case, exc, match):
     kwargs = {}
     if case == "ids_1d":
         ids = ids[0]
+    elif case == "empty_batch":
+        ids, imgs = ids[:0], imgs[:0]
+    elif case == "empty_sequence":
+        ids = ids[:, :0]
     elif case == "ids_int32":
         ids = ids.int()
     elif case == "ids_out_of_range":

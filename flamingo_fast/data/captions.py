@@ -45,12 +45,22 @@ class CaptionDataset:
         self.split = split
         self.per_caption = split == "train" if per_caption is None else per_caption
         self.images = []  # (relative path, image id, [captions])
-        for entry in data["images"]:
+        for number, entry in enumerate(data["images"]):
+            where = f"{annotations}: images[{number}]"
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where} must be an object, got {entry!r:.120}")
             if entry.get("split") not in _SPLITS[split]:
                 continue
-            captions = [s["raw"].strip() for s in entry.get("sentences", []) if isinstance(s.get("raw"), str)]
+            sentences = entry.get("sentences", [])
+            if not isinstance(sentences, list) or not all(isinstance(s, dict) for s in sentences):
+                raise ValueError(f"{where}.sentences must be a list of objects with a 'raw' caption, "
+                                 f"got {sentences!r:.120}")
+            captions = [s["raw"].strip() for s in sentences if isinstance(s.get("raw"), str)]
             if not captions or "filename" not in entry:
                 continue
+            if not isinstance(entry["filename"], str) or not isinstance(entry.get("filepath", ""), str):
+                raise ValueError(f"{where}: filename and filepath must be strings, got {entry['filename']!r} and "
+                                 f"{entry.get('filepath')!r}")
             relative = os.path.join(entry.get("filepath", ""), entry["filename"])
             image_id = entry.get("cocoid", entry.get("imgid", Path(entry["filename"]).stem))
             self.images.append((relative, image_id, captions))

@@ -28,6 +28,11 @@ def _load(path: str | os.PathLike, field: str) -> dict:
     return data
 
 
+def _is_id(value) -> bool:
+    """A question or image id as VQAv2 writes them (ints; some tools write strings), never a bool."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
 class VQAv2Dataset:
     """Indexable VQAv2 questions; `__getitem__` returns a Sample (BadSampleError for broken entries)."""
 
@@ -42,11 +47,17 @@ class VQAv2Dataset:
         self.image_subtype = image_subtype or data.get("data_subtype")
         if not self.image_subtype:
             raise ValueError(f"{questions} has no 'data_subtype'; pass image_subtype (e.g. 'val2014')")
+        self.questions_file = questions
         self.questions = data["questions"]
         self.image_root = Path(image_root)
         self.annotations = None
         if annotations is not None:
-            self.annotations = {a["question_id"]: a for a in _load(annotations, "annotations")["annotations"]}
+            self.annotations = {}
+            for number, annotation in enumerate(_load(annotations, "annotations")["annotations"]):
+                if not isinstance(annotation, dict) or not _is_id(annotation.get("question_id")):
+                    raise ValueError(f"{annotations}: annotations[{number}] must be an object with an int or string "
+                                     f"question_id, got {annotation!r:.120}")
+                self.annotations[annotation["question_id"]] = annotation
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -56,17 +67,20 @@ class VQAv2Dataset:
 
     def __getitem__(self, index: int) -> Sample:
         entry = self.questions[index]
-        try:
-            question_id, image_id, question = entry["question_id"], entry["image_id"], entry["question"]
-        except (KeyError, TypeError):
-            raise BadSampleError("bad_record", f"question {index} lacks question_id/image_id/question") from None
+        if not (isinstance(entry, dict) and _is_id(entry.get("question_id")) and _is_id(entry.get("image_id"))
+                and not isinstance(entry["image_id"], str) and isinstance(entry.get("question"), str)):
+            raise BadSampleError("bad_record", f"{self.questions_file}: questions[{index}] needs an int or string "
+                                 f"question_id, an int image_id and a string question, got {entry!r:.120}")
+        question_id, image_id, question = entry["question_id"], entry["image_id"], entry["question"]
         answer, answers, extra = None, None, {}
         if self.annotations is not None:
             annotation = self.annotations.get(question_id)
             if annotation is None or not isinstance(annotation.get("multiple_choice_answer"), str):
                 raise BadSampleError("bad_record", f"question {question_id} has no annotation with a multiple_choice_answer")
             answer = annotation["multiple_choice_answer"]
-            answers = [a["answer"] for a in annotation.get("answers", []) if isinstance(a.get("answer"), str)] or [answer]
+            given = annotation.get("answers")
+            answers = [a["answer"] for a in (given if isinstance(given, list) else [])
+                       if isinstance(a, dict) and isinstance(a.get("answer"), str)] or [answer]
             extra = {k: annotation[k] for k in ("answer_type", "question_type") if k in annotation}
         image = open_image(self.image_path(image_id))
         text, loss_start = vqa_text(question, answer)

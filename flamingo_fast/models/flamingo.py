@@ -272,8 +272,8 @@ class Flamingo(nn.Module):
         if not torch.is_tensor(input_ids) or input_ids.dtype != torch.long:
             got = input_ids.dtype if torch.is_tensor(input_ids) else type(input_ids).__name__
             raise TypeError(f"input_ids must be a torch.long tensor (B, S), got {got}")
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be 2-D (B, S) with S >= 1, got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"input_ids must be 2-D (B, S) with B >= 1 and S >= 1, got shape {tuple(input_ids.shape)}")
 
     def _check_images(self, images, input_ids: Optional[torch.Tensor] = None) -> None:
         if not torch.is_tensor(images):
