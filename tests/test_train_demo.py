@@ -135,7 +135,9 @@ def test_demo_xattn_starts_after_the_first_lm_block_where_queries_can_see_the_qu
         seen[question] = {i: (inputs[i], outputs[i]) for i in inputs}
     first, *others = seen.values()
     for other in others:
-        # xattn 0 at ":" gets the same query input, so writes the same thing, whatever the question...
-        assert torch.equal(other[0][0], first[0][0]) and torch.equal(other[0][1], first[0][1])
+        # xattn 0 at ":" gets the same query input, so writes the same thing, whatever the question (up to float
+        # rounding: the matmuls see sequences of different lengths)...
+        assert torch.equal(other[0][0], first[0][0])
+        torch.testing.assert_close(other[0][1], first[0][1], rtol=1e-5, atol=1e-6)
         # ...while xattn 1's input there (after LM block 0 has attended over the question) differs.
         assert (other[1][0] - first[1][0]).norm() > 1e-3 * first[1][0].norm()
