@@ -277,15 +277,18 @@ def read_manifest(folder: Path) -> dict[str, dict]:
         raise CorruptCheckpointError(f"checkpoint {folder}: {MANIFEST} is unreadable ({error})") from None
 
 
-def check_sizes(folder: Path) -> None:
-    """Every file the manifest lists exists with its recorded size (no hashing); CorruptCheckpointError if not."""
-    for name, record in read_manifest(folder).items():
+def check_sizes(folder: Path) -> dict[str, dict]:
+    """Every file the manifest lists exists with its recorded size (no hashing); returns the manifest's file
+    table, CorruptCheckpointError if not."""
+    files = read_manifest(folder)
+    for name, record in files.items():
         path = folder / name
         if not path.is_file():
             raise CorruptCheckpointError(f"checkpoint {folder}: {name} is missing")
         if path.stat().st_size != record["bytes"]:
             raise CorruptCheckpointError(f"checkpoint {folder}: {name} has {path.stat().st_size} bytes, "
                                          f"the manifest says {record['bytes']} (truncated or overwritten)")
+    return files
 
 
 def verify_checkpoint(folder: Path, rank: int = 0, world_size: int = 1) -> None:
@@ -293,8 +296,7 @@ def verify_checkpoint(folder: Path, rank: int = 0, world_size: int = 1) -> None:
     get the same verdict (CorruptCheckpointError naming the folder and the first bad file)."""
     problem = None
     try:
-        check_sizes(folder)
-        files = sorted(read_manifest(folder).items())
+        files = sorted(check_sizes(folder).items())
         for name, record in files[rank::world_size]:
             if _sha256(folder / name) != record["sha256"]:
                 problem = f"checkpoint {folder}: {name} does not match its SHA-256 in {MANIFEST} (corrupted)"

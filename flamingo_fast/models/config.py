@@ -35,6 +35,10 @@ from typing import Any, Optional
 TRAINABLE_MODES = ("flamingo", "all", "lm", "vision")
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _check_numbers(section: str, config: Any, may_be_zero: tuple[str, ...] = ()) -> None:
     """Every int field is an int (not a bool) >= 1 (>= 0 if named in `may_be_zero`; None where the field is
     Optional), every float field a finite number > 0: a zero, negative or wrong-typed size fails here, naming the
@@ -45,7 +49,7 @@ def _check_numbers(section: str, config: Any, may_be_zero: tuple[str, ...] = ())
             if value is None and f.type == "Optional[int]":
                 continue
             low = 0 if f.name in may_be_zero else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            if not _is_int(value) or value < low:
                 raise ValueError(f"{section}.{f.name} must be an int >= {low}, got {value!r}")
         elif f.type == "float":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -93,11 +97,8 @@ class VisionConfig:
             raise ValueError(f"vision.activation must be 'gelu' or 'quick_gelu', got {self.activation!r}")
         if self.output_class_token and not self.class_token:
             raise ValueError("vision.output_class_token needs vision.class_token")
-        def is_int(x: Any) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
         if isinstance(self.stem, (str, bytes)) or not all(
-                isinstance(layer, (list, tuple)) and len(layer) == 2 and all(map(is_int, layer)) for layer in self.stem):
+                isinstance(layer, (list, tuple)) and len(layer) == 2 and all(map(_is_int, layer)) for layer in self.stem):
             raise ValueError(f"vision.stem must be a list of [out_channels, stride] int pairs, got {self.stem!r}")
         self.stem = tuple((c, st) for c, st in self.stem)
         if self.stem and (math.prod(st for _, st in self.stem) != self.patch_size
