@@ -54,13 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     from train.parallel import shutdown_distributed
 
     console = Console()
+    finished = False
     try:
         result = train(cfg, console=console)
+        finished = True
     except NonFiniteLossError as error:
         console.print(f"[red]stopped:[/red] {error}")
         return 1
     finally:
-        shutdown_distributed()
+        shutdown_distributed(synchronize=finished)
     console.print(f"done: {result.steps} steps in {result.wall_seconds:.1f} s, final loss {result.final_loss}, "
                   f"{result.skipped_steps} skipped; run folder {result.out_dir}")
     return 0

@@ -171,13 +171,15 @@ def main(argv: list[str] | None = None) -> int:
 
     console.rule("stage 3: Flamingo (vision + LM frozen; resampler, xattn, special tokens train)")
     cfg = load_config(resolve_config_path(args.config), _stage3_overrides(args, out, pretrained) + overrides)
+    finished = False
     try:
         trainer = Trainer(cfg, console=console)
         frozen_ok = all(not p.requires_grad for n, p in trainer.model.named_parameters()
                         if n.startswith("vision.") or (n.startswith("lm.") and ".special_" not in n))
         result = trainer.run()
+        finished = True
     finally:
-        shutdown_distributed()
+        shutdown_distributed(synchronize=finished)
     evaluation = result.last_eval if result.last_eval is not None else trainer.evaluate()
     wall = time.perf_counter() - start
 

@@ -310,6 +310,14 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def run(self, on_step: Callable[[int, StepResult], None] | None = None) -> RunResult:
+        try:
+            return self._run(on_step)
+        finally:
+            # Stop the loader's prefetch/decode threads now: left running, a daemon thread that is inside a
+            # torch op at interpreter exit aborts the process ("terminate called without an active exception").
+            self.loader.close()
+
+    def _run(self, on_step: Callable[[int, StepResult], None] | None) -> RunResult:
         cfg = self.cfg
         start_time = time.perf_counter()
         if self.info.is_main:

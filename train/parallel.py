@@ -90,8 +90,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(synchronize: bool = False) -> None:
+    """Destroy the process group. `synchronize=True` (every rank finished cleanly) first waits for all
+    ranks, so rank 0, which hosts the rendezvous store, never tears it down under a rank still exiting.
+    Not after an error: a rank that failed may never reach the barrier."""
     if dist.is_available() and dist.is_initialized():
+        if synchronize and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
     while _ENV_SET_HERE:
         os.environ.pop(_ENV_SET_HERE.pop(), None)
