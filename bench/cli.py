@@ -22,6 +22,7 @@ from bench.e2e import VARIANTS as E2E_VARIANTS
 from bench.flops import DIRECTIONS
 from bench.harness import DTYPE_NAMES, Row, Settings, bench_case, fill_best_peer, measure_peaks, select_impls
 from bench.impls import IMPL_NAMES
+from flamingo_fast.cli import at_least
 from flamingo_fast.models.compile import COMPILE_MODES
 
 E2E_OP = "train_step"
@@ -63,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when a GPU is visible, else cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=at_least(1), default=None,
                         help="torch intra-op threads (default on cpu: 1, see bench/README.md; on cuda: unchanged)")
-    parser.add_argument("--min-time", type=float, default=None,
+    parser.add_argument("--min-time", type=at_least(0.0, float, strictly=True), default=None,
                         help="CPU: seconds each measurement repeats for (default 0.5, 0.2 with --quick)")
     parser.add_argument("--device-name", default=None, help="name used in the rows and result file names")
     parser.add_argument("--date", default=None, help="date for --save file names (default: today, YYYY-MM-DD)")

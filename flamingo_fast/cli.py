@@ -89,12 +89,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def at_least(minimum: int | float, kind: type = int, strictly: bool = False, at_most: int | float | None = None):
+    """An argparse type: a `kind` number >= minimum (> minimum when `strictly`), and <= at_most if given."""
+    def parse(text: str):
+        value = kind(text)  # a ValueError here: argparse reports "invalid <kind> value"
+        if value < minimum or (strictly and value == minimum) or (at_most is not None and value > at_most):
+            bound = f"{'>' if strictly else '>='} {minimum}" + (f" and <= {at_most}" if at_most is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _parse_media_index(text: str):
     import torch
 
-    rows = [[int(value) for value in row.split(",") if value.strip()] for row in text.split(";")]
-    if len({len(row) for row in rows}) != 1:
-        raise SystemExit("--media-index: every row (separated by ';') needs the same length")
+    try:
+        rows = [[int(value) for value in row.split(",") if value.strip()] for row in text.split(";")]
+    except ValueError:
+        raise ValueError(f"--media-index: expected integers separated by ',' (rows by ';'), got {text!r}") from None
+    if len({len(row) for row in rows}) != 1 or not rows[0]:
+        raise ValueError("--media-index: every row (separated by ';') needs the same, non-zero length")
     return torch.tensor(rows, dtype=torch.int64)
 
 
@@ -103,10 +119,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from flamingo_fast.ops import check_media_index_values
     from flamingo_fast.tile_plan import plan_media_tiles
 
-    media_index = _parse_media_index(args.media_index)
-    num_images = int(media_index.max().item()) + 1 if args.num_images is None else args.num_images
+    try:
+        media_index = _parse_media_index(args.media_index)
+        num_images = int(media_index.max().item()) + 1 if args.num_images is None else args.num_images
+        check_media_index_values(media_index, num_images)
+    except ValueError as error:
+        print(f"flamingo-fast plan: {error}", file=sys.stderr)
+        return 2
     num_keys = max(num_images, 0) * args.latents
     q_plan, k_plan = plan_media_tiles(media_index, num_keys, args.latents, args.block_q, args.block_k,
                                       not args.all_previous)
@@ -154,10 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="show the media-mask tile plan for a media_index pattern")
     plan.add_argument("--media-index", required=True,
                       help="comma-separated indices, rows separated by ';' (e.g. '-1,-1,0,0,1;0,0,0,0,0')")
-    plan.add_argument("--num-images", type=int, default=None, help="images supplied (default: max index + 1)")
-    plan.add_argument("--latents", type=int, default=64, help="latents per image")
-    plan.add_argument("--block-q", type=int, default=128)
-    plan.add_argument("--block-k", type=int, default=128)
+    plan.add_argument("--num-images", type=at_least(0), default=None, help="images supplied (default: max index + 1)")
+    plan.add_argument("--latents", type=at_least(1), default=64, help="latents per image")
+    plan.add_argument("--block-q", type=at_least(1), default=128)
+    plan.add_argument("--block-k", type=at_least(1), default=128)
     plan.add_argument("--all-previous", action="store_true", help="attend to all previous images")
     plan.set_defaults(handler=cmd_plan)
     return parser

@@ -15,6 +15,8 @@ import argparse
 import sys
 from typing import Optional
 
+from flamingo_fast.cli import at_least
+
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="flamingo-fast generate", description=__doc__,
@@ -22,13 +24,13 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     parser.add_argument("--checkpoint", required=True, help="exported model folder")
     parser.add_argument("--prompt", required=True, help='text with one "<image>" per --image')
     parser.add_argument("--image", action="append", default=[], help="image file (repeat, in prompt order)")
-    parser.add_argument("--max-new-tokens", type=int, default=20)
-    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (paper: 3)")
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=20)
+    parser.add_argument("--num-beams", type=at_least(1), default=1, help="beam search with this many beams (paper: 3)")
     parser.add_argument("--length-penalty", type=float, default=1.0)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy / beam search")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--temperature", type=at_least(0.0, float, strictly=True), default=1.0)
+    parser.add_argument("--top-p", type=at_least(0.0, float, strictly=True, at_most=1.0), default=1.0)
+    parser.add_argument("--top-k", type=at_least(0), default=0)
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default="cpu")
     return parser
@@ -46,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
         images = [open_image(path) for path in args.image]
     except BadSampleError as error:
         raise SystemExit(f"flamingo-fast generate: cannot read image: {error.detail}") from None
-    model, tokenizer = load_pretrained(args.checkpoint, device=args.device)
+    try:
+        model, tokenizer = load_pretrained(args.checkpoint, device=args.device)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"flamingo-fast generate: cannot load --checkpoint {args.checkpoint}: {error}") from None
     options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty)
     if args.sample:
         generator = torch.Generator(device=args.device).manual_seed(args.seed)

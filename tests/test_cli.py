@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from flamingo_fast import cli, native
+from flamingo_fast import native
 
 
 def run_cli(*args: str) -> str:
@@ -27,7 +27,3 @@ def test_plan_prints_key_ranges():
                   "--block-k", "4")
     assert "[0, 12)" in out and "[7, 10)" in out and "8..9" in out
 
-
-def test_plan_rejects_ragged_rows():
-    with pytest.raises(SystemExit, match="same length"):
-        cli.main(["plan", "--media-index=0,0;0"])

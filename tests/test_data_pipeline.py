@@ -209,25 +209,25 @@ def test_epochs_reshuffle_and_close_restarts(tok):
     _assert_same_batches(second, inline_epochs[1])
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (issue 21): with num_workers=0 a state saved after a cycle=False "
-                   "epoch ended resumes into the first epoch's order again, not the next epoch's reshuffle; the "
-                   "trainer always cycles, so its resumes are not affected")
-def test_state_saved_after_an_epoch_ends_resumes_into_exactly_the_next_epoch(tok):
+@pytest.mark.parametrize("num_workers, prefetch", [(0, 0), (2, 2)])
+def test_state_saved_after_an_epoch_ends_resumes_into_exactly_the_next_epoch(tok, num_workers, prefetch):
     """A one-epoch (cycle=False) loader checkpointed after it ran out: the resumed loader yields what the
     uninterrupted one yields next, i.e. the next epoch with its new shuffle, batch for batch."""
-    sources = [{"kind": "shapes", "n": 20, "task": "caption"}]
+    sources = [{"kind": "shapes", "name": "captions", "n": 20, "task": "caption"},
+               {"kind": "shapes", "name": "questions", "n": 12, "task": "vqa"}]
 
     def make():
-        return build_loader(sources, tok, batch_size=4, image_size=32, cycle=False, num_workers=0, prefetch_factor=0)
+        return build_loader(sources, tok, batch_size=4, image_size=32, cycle=False, num_workers=num_workers,
+                            prefetch_factor=prefetch)
 
-    loader = make()
-    first = list(loader)
-    state = loader.state_dict()
-    second = list(loader)
-    resumed = make()
-    resumed.load_state_dict(state)
-    assert len(first) == len(second) == 5
-    _assert_same_batches(list(resumed), second)
+    with make() as loader, make() as resumed:
+        first = list(loader)
+        state = loader.state_dict()
+        second = list(loader)
+        resumed.load_state_dict(state)
+        again = list(resumed)
+    assert len(first) == len(second) == 8
+    _assert_same_batches(again, second)
     assert not torch.equal(first[0]["images"], second[0]["images"])
 
 

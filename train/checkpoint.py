@@ -23,6 +23,10 @@ does that); the `.metadata` index is read with an allow-list unpickler that only
 metadata dataclasses, `torch.Size`, dtypes and paths; the non-tensor state is JSON (tensors inside it,
 such as RNG states, are stored as base64 bytes with their dtype and shape). Optimizer hyper-parameters
 (param_groups) are not saved: they come from the config, and the lr from the schedule.
+
+Fault injection: `FLAMINGO_FAST_KILL_AT=<point>:<step>` SIGKILLs the process at that named point of saving
+that step (points in KILL_POINTS, in write order); tests/test_checkpoint_kill_points.py kills at each one and
+proves the resume exact.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import pickle
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +65,15 @@ COMPLETE = "COMPLETE"
 TRAINER_FILE = "trainer.json"
 MANIFEST = "MANIFEST.json"
 SET_ASIDE_PREFIX = ".old-"  # a complete checkpoint moved aside while the same step is re-saved
+# The named points of a save, in order ("set_aside" and "new_in_place" only when re-saving a step).
+KILL_POINTS = ("folder_created", "weights_written", "rank_state_written", "manifest_written", "marked_complete",
+               "set_aside", "new_in_place", "renamed", "pruned")
+KILL_AT_ENV = "FLAMINGO_FAST_KILL_AT"
+
+
+def _kill_point(point: str, step: int) -> None:
+    if os.environ.get(KILL_AT_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def step_dir_name(step: int) -> str:
@@ -374,12 +388,15 @@ class CheckpointManager:
             for stale in self.folder.glob(".tmp-step_*"):  # leftovers of a crash
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
+        _kill_point("folder_created", step)
         _barrier()
         optim_state = _optimizer_template(model, optimizer)
         state = {"model": get_model_state_dict(model), "optim": {"state": optim_state["state"]}}
         dcp.save(state, storage_writer=FileSystemWriter(str(tmp), sync_files=True), **_dcp_process_group_kwargs())
+        _kill_point("weights_written", step)
         rank_file = f"rank_{self.rank}.json"
         _write_json(tmp / rank_file, rank_state)
+        _kill_point("rank_state_written", step)
         # Each rank hashes what it wrote (its DCP shards and state file), so no rank reads the whole checkpoint.
         mine = sorted(p.name for p in tmp.glob(f"__{self.rank}_*.distcp")) + [rank_file]
         _write_json(tmp / f".manifest_rank_{self.rank}.json", _file_records(tmp, mine))
@@ -391,18 +408,24 @@ class CheckpointManager:
                 files.update(_read_json(part))
                 part.unlink()
             _write_json(tmp / MANIFEST, {"files": dict(sorted(files.items()))})
+            _kill_point("manifest_written", step)
             (tmp / COMPLETE).write_text(f"{step}\n")
-            if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
+            _kill_point("marked_complete", step)
+            if final.exists():  # re-saving the same step (e.g. the final save of a resumed, finished run)
                 # Renames only until the new folder is in place: a kill at any point leaves either the old or
                 # the new complete checkpoint under step_N (a set-aside old one is put back by the next listing).
                 aside = self.folder / f"{SET_ASIDE_PREFIX}{final.name}"
                 shutil.rmtree(aside, ignore_errors=True)
                 os.rename(final, aside)
+                _kill_point("set_aside", step)
                 os.rename(tmp, final)
+                _kill_point("new_in_place", step)
                 shutil.rmtree(aside, ignore_errors=True)
             else:
                 os.rename(tmp, final)
+            _kill_point("renamed", step)
             self._prune()
+            _kill_point("pruned", step)
         _barrier()
         return final
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from flamingo_fast.models.compile import COMPILE_MODES
-from flamingo_fast.models.config import TRAINABLE_MODES
+from flamingo_fast.models.config import TRAINABLE_MODES, FlamingoConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 AC_MODES = ("none", "selective", "full")
@@ -142,6 +142,10 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
     def validate(self) -> None:
+        try:  # the model config checks its own fields: a bad preset or size fails here, not after minutes of setup
+            FlamingoConfig.from_preset(self.model.preset, **self.model.overrides)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"model.preset / model.overrides: {error}") from None
         if self.model.trainable not in TRAINABLE_MODES:
             raise ValueError(f"model.trainable must be one of {TRAINABLE_MODES}, got {self.model.trainable!r}")
         if self.model.init_device not in ("", "cpu", "cuda", "meta"):
@@ -186,14 +190,28 @@ class TrainConfig:
             raise ValueError(f"optim.gate_lr_multiplier must be > 0, got {self.optim.gate_lr_multiplier}")
         if self.optim.warmup_steps < 0 or self.optim.decay_steps < 0 or self.checkpoint.every < 0:
             raise ValueError("optim.warmup_steps, optim.decay_steps and checkpoint.every must be >= 0")
-        if not isinstance(self.data.sources, list) or not self.data.sources:
-            raise ValueError(f"data.sources must be a non-empty list of source specs, got {self.data.sources!r}")
+        for name, sources in (("data.sources", self.data.sources), ("eval.sources", self.eval.sources)):
+            _check_source_specs(name, sources)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _check_source_specs(name: str, sources: Any) -> None:
+    """The shape of each spec (its files are read when the sources are built)."""
+    from flamingo_fast.data.pipeline import SOURCE_KINDS
+
+    if not isinstance(sources, list) or not sources:
+        raise ValueError(f"{name} must be a non-empty list of source specs, got {sources!r}")
+    for i, spec in enumerate(sources):
+        if not isinstance(spec, dict) or spec.get("kind") not in SOURCE_KINDS:
+            raise ValueError(f"{name}[{i}] must be a table with kind one of {SOURCE_KINDS}, got {spec!r}")
+        weight = spec.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"{name}[{i}].weight must be a number > 0, got {weight!r}")
 
 
 def _coerce(where: str, value: Any, expected: Any) -> Any:
@@ -270,7 +288,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         with path.open("rb") as f:
-            apply_dict(cfg, tomllib.load(f), origin=str(path))
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as error:
+                raise ValueError(f"{path} is not valid TOML: {error}") from None
+        apply_dict(cfg, data, origin=str(path))
     if overrides:
         apply_dict(cfg, parse_overrides(overrides), origin="command line")
     cfg.validate()

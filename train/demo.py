@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from flamingo_fast.cli import cpu_model
+from flamingo_fast.cli import at_least, cpu_model
 
 TARGETS = {"caption_exact_match": 0.95, "vqa_accuracy": 0.90}
 # What `--seeds` checks over its runs: every run meets TARGETS, and the means (caption, VQA, each question type)
@@ -43,35 +43,39 @@ MEAN_TYPE_TARGET = 0.85
 EVAL_SEED = 2026
 
 
+COUNT, POSITIVE_COUNT = at_least(0), at_least(1)
+WEIGHT, RATE = at_least(0.0, float), at_least(0.0, float, strictly=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flamingo-fast demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     parser.add_argument("--config", default="demo", help="trainer config for stage 3 (default: the shipped demo)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores, at most 2)")
+    parser.add_argument("--threads", type=COUNT, default=0, help="torch CPU threads (default: all cores, at most 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", default="", help="comma-separated seeds, e.g. 0,1,2: run the recipe once per seed, "
                         "each in its own process into DIR/seed<N>/, then print and write DIR/seeds.json (a table "
                         "with min and mean, and whether the multi-seed targets are met)")
-    parser.add_argument("--vision-steps", type=int, default=900,
+    parser.add_argument("--vision-steps", type=POSITIVE_COUNT, default=900,
                         help="contrastive steps of stage 1 (600 left some seeds' captions at 0.87-0.89; 900: 0.995)")
-    parser.add_argument("--vision-batch", type=int, default=64)
-    parser.add_argument("--vision-lr", type=float, default=2e-3)
-    parser.add_argument("--vision-region-weight", type=float, default=10.0,
+    parser.add_argument("--vision-batch", type=POSITIVE_COUNT, default=64)
+    parser.add_argument("--vision-lr", type=RATE, default=2e-3)
+    parser.add_argument("--vision-region-weight", type=WEIGHT, default=10.0,
                         help="weight of stage 1's region-phrase loss against its image-caption loss")
-    parser.add_argument("--lm-subject-steps", type=int, default=100,
+    parser.add_argument("--lm-subject-steps", type=COUNT, default=100,
                         help="stage 2 first trains on subject lines alone for this many steps (train/pretrain.py)")
-    parser.add_argument("--lm-subject-every", type=int, default=4,
+    parser.add_argument("--lm-subject-every", type=COUNT, default=4,
                         help="then every N-th text sample is a subject line (0: none)")
-    parser.add_argument("--lm-subject-weight", type=float, default=1.0,
+    parser.add_argument("--lm-subject-weight", type=WEIGHT, default=1.0,
                         help="weight of stage 2's asked-word read-out loss: the LM's states that predict a question's "
                         "answer words must name the asked word, a look-up's subject or a position question's "
                         "direction (train/pretrain.py; 0: off)")
-    parser.add_argument("--lm-steps", type=int, default=150, help="text steps of stage 2")
-    parser.add_argument("--lm-batch", type=int, default=64)
-    parser.add_argument("--lm-lr", type=float, default=3e-3)
-    parser.add_argument("--steps", type=int, default=0, help="stage-3 optimizer steps (default: the config's)")
-    parser.add_argument("--eval-samples", type=int, default=200, help="held-out samples per task")
+    parser.add_argument("--lm-steps", type=POSITIVE_COUNT, default=150, help="text steps of stage 2")
+    parser.add_argument("--lm-batch", type=POSITIVE_COUNT, default=64)
+    parser.add_argument("--lm-lr", type=RATE, default=3e-3)
+    parser.add_argument("--steps", type=COUNT, default=0, help="stage-3 optimizer steps (default: the config's)")
+    parser.add_argument("--eval-samples", type=POSITIVE_COUNT, default=200, help="held-out samples per task")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny budgets, no targets)")
     parser.epilog = "Other arguments --section.key=value override the stage-3 trainer config (train/configs/demo.toml)."
     return parser

@@ -12,12 +12,11 @@ whose text uses the first caption.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from flamingo_fast.data.sample import Sample, caption_text
-from flamingo_fast.data.source import MapSource
+from flamingo_fast.data.source import MapSource, read_annotation_json
 from flamingo_fast.data.transforms import open_image
 
 # Karpathy's "restval" images are the part of COCO val2014 used for training.
@@ -36,8 +35,7 @@ class CaptionDataset:
     ):
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
-        with open(annotations) as f:
-            data = json.load(f)
+        data = read_annotation_json(annotations)
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise ValueError(f"{annotations}: expected a Karpathy split json with an 'images' list")
         self.name = str(data.get("dataset", Path(annotations).stem))

@@ -40,6 +40,7 @@ class EncodedSample:
     images: torch.Tensor  # (T, F, C, H, W) float32
     id: str | None = None
     task: str | None = None
+    source: str | None = None  # the pipeline source it came from (per-source skip accounting)
 
 
 class Collator:

@@ -33,6 +33,8 @@ from torchdata.nodes import (
     StopCriteria,
 )
 
+from torchdata.nodes.loader import LoaderIterator
+
 from flamingo_fast.data.captions import CaptionSource
 from flamingo_fast.data.collate import Collator, EncodedSample
 from flamingo_fast.data.sample import BadSampleError
@@ -95,7 +97,9 @@ class _Encode:
         if isinstance(record, Skipped):
             return record
         try:
-            return self.collator.encode(self.sources[name].decode(record))
+            encoded = self.collator.encode(self.sources[name].decode(record))
+            encoded.source = name
+            return encoded
         except BadSampleError as error:
             return Skipped(error.reason, error.detail, name)
 
@@ -120,6 +124,36 @@ class DataLoader(Loader):
     def skipped(self) -> dict[str, int]:
         return dict(self._skip_filter.skipped)
 
+    def __iter__(self):
+        state = self._next_iter_state_dict
+        if state is None:
+            return super().__iter__()
+        # torchdata 0.11 resumes a state saved after the epoch ended into the *first* epoch's order again:
+        # nodes restored from a state count as not started, so the restart does not advance their epoch.
+        # Restore, mark every epoch-counting node started, and restart: the next epoch, as without the resume.
+        self._next_iter_state_dict, self._iter_for_state_dict = None, False
+        if self._it is None:
+            self._it = LoaderIterator(self)
+        self._it.reset(initial_state=state)
+        if self.restart_on_stop_iteration and not self._it.has_next():
+            for node in self._graph():
+                if hasattr(node, "_started"):
+                    node._started = True
+            self._it.reset(None)
+        return self._it
+
+    def _graph(self):
+        """Every node and node iterator of the pipeline (torchdata has no public graph walk)."""
+        stack, seen = [self.root], set()
+        while stack:
+            node = stack.pop(0)
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            yield node
+            stack += [getattr(node, "_it", None), getattr(node, "source", None)]
+            stack += list(getattr(node, "source_nodes", {}).values())
+
     def close(self) -> None:
         """Stop the background threads / worker processes of the current iteration.
 
@@ -127,16 +161,9 @@ class DataLoader(Loader):
         Without it, daemon threads die at interpreter exit (process workers may then print tracebacks).
         A later `iter(loader)` starts them again.
         """
-        stack, seen = [self.root], set()
-        while stack:
-            node = stack.pop(0)
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
+        for node in self._graph():
             if callable(getattr(node, "_shutdown", None)):
                 node._shutdown()
-            stack += [getattr(node, "_it", None), getattr(node, "source", None)]
-            stack += list(getattr(node, "source_nodes", {}).values())
 
     def __enter__(self) -> "DataLoader":
         return self

@@ -8,7 +8,9 @@ rank r of w sees a disjoint part of the stream.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from abc import ABC, abstractmethod
 from typing import Any, Iterator, Sequence
 
@@ -40,6 +42,16 @@ class Source(ABC):
 
     @abstractmethod
     def decode(self, record: Any) -> Sample: ...
+
+
+def read_annotation_json(path: str | os.PathLike) -> Any:
+    """An annotation file's JSON. Not JSON (or not UTF-8) is a ValueError naming the file; a missing file stays a
+    FileNotFoundError, which names it too."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a valid JSON annotation file: {error}") from None
 
 
 class ShardedIndexSampler(Sampler[int]):

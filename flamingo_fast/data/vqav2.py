@@ -11,18 +11,16 @@ VQA accuracy). Without annotations (test-dev) the text is the prompt alone and `
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from flamingo_fast.data.sample import BadSampleError, Sample, vqa_text
-from flamingo_fast.data.source import MapSource
+from flamingo_fast.data.source import MapSource, read_annotation_json
 from flamingo_fast.data.transforms import open_image
 
 
 def _load(path: str | os.PathLike, field: str) -> dict:
-    with open(path) as f:
-        data = json.load(f)
+    data = read_annotation_json(path)
     if not isinstance(data, dict) or not isinstance(data.get(field), list):
         raise ValueError(f"{path}: expected a VQAv2 json with a {field!r} list")
     return data

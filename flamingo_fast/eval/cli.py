@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from flamingo_fast.cli import at_least
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -31,18 +33,25 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _shot_list(text: str) -> list[int]:
+    values = _int_list(text)
+    if min(values) < 0:
+        raise argparse.ArgumentTypeError(f"shot counts must be >= 0, got {text!r}")
+    return values
+
+
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="flamingo-fast eval", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="exported model folder (config.json, model.safetensors, tokenizer.json)")
     parser.add_argument("--task", required=True, choices=["vqav2", "coco", "flickr30k", "shapes"])
-    parser.add_argument("--shots", type=_int_list, default=[0, 4, 8, 32], help="comma-separated, e.g. 0,4,8,32")
-    parser.add_argument("--num-queries", type=int, default=None, help="first N queries (default: all; shapes: 200)")
+    parser.add_argument("--shots", type=_shot_list, default=[0, 4, 8, 32], help="comma-separated, e.g. 0,4,8,32")
+    parser.add_argument("--num-queries", type=at_least(1), default=None, help="first N queries (default: all; shapes: 200)")
     parser.add_argument("--seeds", type=_int_list, default=[0], help="demonstration draws, e.g. 0,1,2")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--num-beams", type=at_least(1), default=3)
     parser.add_argument("--length-penalty", type=float, default=0.0)
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 20 captions, 5 VQA")
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=None, help="default: 20 captions, 5 VQA")
     parser.add_argument("--rices", action="store_true", help="choose demonstrations by image similarity")
     parser.add_argument("--separator", default="", help="text between in-context chunks (OpenFlamingo: '\\n')")
     parser.add_argument("--device", default="cpu")
@@ -57,7 +66,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     data.add_argument("--karpathy", help="Karpathy split json (COCO, Flickr30k)")
     data.add_argument("--split", default="test", help="Karpathy split of the queries")
     data.add_argument("--support-split", default="train", help="Karpathy split of the demonstrations")
-    data.add_argument("--num-support", type=int, default=2048, help="shapes: generated demonstration pool")
+    data.add_argument("--num-support", type=at_least(1), default=2048, help="shapes: generated demonstration pool")
     return parser
 
 
@@ -116,10 +125,17 @@ def run(args: argparse.Namespace) -> int:
     from flamingo_fast.convert.pretrained import load_pretrained
     from flamingo_fast.eval.harness import evaluate, summarize
 
-    model, tokenizer = load_pretrained(args.checkpoint, device=args.device)
+    try:
+        model, tokenizer = load_pretrained(args.checkpoint, device=args.device)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"flamingo-fast eval: cannot load --checkpoint {args.checkpoint}: {error}") from None
+    try:
+        tasks = load_task_data(args, model.cfg.vision.image_size)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"flamingo-fast eval --task {args.task}: {error}") from None
     results = []
     with Progress(transient=True) as progress:
-        for name, queries, support in load_task_data(args, model.cfg.vision.image_size):
+        for name, queries, support in tasks:
             bar = progress.add_task(f"eval {name}", total=None)
             results += evaluate(
                 model, tokenizer, name, args.shots, queries=queries, support=support, num_queries=args.num_queries,
