@@ -1,4 +1,4 @@
-"""The `flamingo-fast` command line: demo, train, bench, eval, generate, plan, info."""
+"""The `flamingo-fast` command line: demo, train, plan, bench, eval, generate, tile-plan, info."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         num_images = int(media_index.max().item()) + 1 if args.num_images is None else args.num_images
         check_media_index_values(media_index, num_images)
     except ValueError as error:
-        print(f"flamingo-fast plan: {error}", file=sys.stderr)
+        print(f"flamingo-fast tile-plan: {error}", file=sys.stderr)
         return 2
     num_keys = max(num_images, 0) * args.latents
     q_plan, k_plan = plan_media_tiles(media_index, num_keys, args.latents, args.block_q, args.block_k,
@@ -158,6 +158,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 FORWARDED = {
     "demo": ("train.demo", "train the demo preset on the built-in shapes data, then evaluate (the main job)"),
     "train": ("train.cli", "run the FSDP trainer (same as `torchrun -m train`)"),
+    "plan": ("train.plan_cli", "memory, traffic and time of a training config on N GPUs, before renting them"),
     "bench": ("bench.cli", "kernel and end-to-end benchmarks"),
     "eval": ("flamingo_fast.eval.cli", "few-shot evaluation (vqav2, coco, flickr30k, shapes)"),
     "generate": ("flamingo_fast.generate_cli", "generate text for an image and a prompt"),
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, what _C contains, and which backend each op uses here")
     info.set_defaults(handler=cmd_info)
 
-    plan = sub.add_parser("plan", help="show the media-mask tile plan for a media_index pattern")
+    plan = sub.add_parser("tile-plan", help="show the media-mask tile plan for a media_index pattern")
     plan.add_argument("--media-index", required=True,
                       help="comma-separated indices, rows separated by ';' (e.g. '-1,-1,0,0,1;0,0,0,0,0')")
     plan.add_argument("--num-images", type=at_least(0), default=None, help="images supplied (default: max index + 1)")

@@ -135,13 +135,13 @@ CASES: dict[str, Case] = {
     # -- command line: flamingo-fast, plan, bench ---------------------------------------------------------------
     "cli: no command": Case(_cli(), 2, ("required",)),
     "cli: unknown command": Case(_cli("fly"), 2, ("invalid choice", "fly")),
-    "plan: media index not integers": Case(_cli("plan", "--media-index", "a,b"), 2, ("--media-index", "'a,b'")),
-    "plan: ragged media index rows": Case(_cli("plan", "--media-index", "0,1;0"), 2, ("--media-index", "same")),
-    "plan: decreasing media index": Case(_cli("plan", "--media-index", "1,0"), 2, ("non-decreasing",)),
-    "plan: index past --num-images": Case(_cli("plan", "--media-index", "0,2", "--num-images", "2"), 2, ("image 2",)),
-    "plan: --latents 0": Case(_cli("plan", "--media-index", "0", "--latents", "0"), 2, ("--latents", ">= 1")),
-    "plan: --block-q 0": Case(_cli("plan", "--media-index", "0", "--block-q", "0"), 2, ("--block-q", ">= 1")),
-    "plan: --num-images -3": Case(_cli("plan", "--media-index", "0", "--num-images", "-3"), 2, ("--num-images",)),
+    "tile-plan: media index not integers": Case(_cli("tile-plan", "--media-index", "a,b"), 2, ("--media-index", "'a,b'")),
+    "tile-plan: ragged media index rows": Case(_cli("tile-plan", "--media-index", "0,1;0"), 2, ("--media-index", "same")),
+    "tile-plan: decreasing media index": Case(_cli("tile-plan", "--media-index", "1,0"), 2, ("non-decreasing",)),
+    "tile-plan: index past --num-images": Case(_cli("tile-plan", "--media-index", "0,2", "--num-images", "2"), 2, ("image 2",)),
+    "tile-plan: --latents 0": Case(_cli("tile-plan", "--media-index", "0", "--latents", "0"), 2, ("--latents", ">= 1")),
+    "tile-plan: --block-q 0": Case(_cli("tile-plan", "--media-index", "0", "--block-q", "0"), 2, ("--block-q", ">= 1")),
+    "tile-plan: --num-images -3": Case(_cli("tile-plan", "--media-index", "0", "--num-images", "-3"), 2, ("--num-images",)),
     "bench: --threads 0": Case(_cli("bench", "--threads", "0"), 2, ("--threads", ">= 1")),
     "bench: --min-time -1": Case(_cli("bench", "--min-time", "-1"), 2, ("--min-time", "> 0")),
     "bench: unknown op": Case(_cli("bench", "--ops", "softmax"), 2, ("--ops", "invalid choice")),
@@ -162,6 +162,11 @@ CASES: dict[str, Case] = {
                                        ("data.sources[0]", "kind", "'laion'")),
     "train: zero source weight": Case(_cli(*TRAIN, '--eval.sources=[{kind="shapes", weight=0}]'), 2,
                                       ("eval.sources[0].weight", "> 0")),
+    "plan: zero GPUs": Case(_cli("plan", "--config", "tiny", "--gpus", "0"), 2, ("--gpus", ">= 1")),
+    "plan: unknown GPU profile": Case(_cli("plan", "--config", "tiny", "--gpus", "2", "--gpu", "tpu"), 2,
+                                      ("--gpu", "invalid choice")),
+    "plan: batch that does not split over the GPUs": Case(_cli("plan", "--config", "tiny", "--gpus", "3"), 2,
+                                                          ("global_batch_tokens", "world_size")),
     # -- command line: demo ------------------------------------------------------------------------------------
     "demo: seeds not integers": Case(_cli("demo", "--seeds", "x"), 2, ("--seeds", "'x'")),
     "demo: repeated seed": Case(_cli("demo", "--seeds", "1,1"), 2, ("--seeds", "each once")),
@@ -252,7 +257,7 @@ def test_bad_input(name, paths):
 def test_the_table_covers_ops_and_every_command():
     assert len(CASES) >= 40
     prefixes = {name.split(":")[0] for name in CASES}
-    assert {"attention", "media", "perceiver", "cli", "plan", "bench", "train", "demo", "eval", "generate"} <= prefixes
+    assert {"attention", "media", "perceiver", "cli", "tile-plan", "plan", "bench", "train", "demo", "eval", "generate"} <= prefixes
 
 
 def test_the_unedited_inputs_are_valid():

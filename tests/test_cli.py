@@ -23,7 +23,7 @@ def test_info_reports_versions_extension_and_backends():
 
 @pytest.mark.skipif(native.load() is None, reason="flamingo_fast._C is not built")
 def test_plan_prints_key_ranges():
-    out = run_cli("plan", "--media-index=-1,-1,0,0,0,1,1,2,2,2", "--latents", "4", "--block-q", "4",
+    out = run_cli("tile-plan", "--media-index=-1,-1,0,0,0,1,1,2,2,2", "--latents", "4", "--block-q", "4",
                   "--block-k", "4")
     assert "[0, 12)" in out and "[7, 10)" in out and "8..9" in out
 

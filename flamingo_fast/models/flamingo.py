@@ -56,6 +56,7 @@ from torch import nn
 from flamingo_fast.models.config import TRAINABLE_MODES, FlamingoConfig
 from flamingo_fast.models.lm import BeforeBlock, KVCache, LanguageModel
 from flamingo_fast.models.perceiver import PerceiverResampler
+from flamingo_fast.ops.validation import holds_values
 from flamingo_fast.models.vision import VisionTransformer
 from flamingo_fast.models.xattn import GatedXAttnDense
 
@@ -329,7 +330,7 @@ class Flamingo(nn.Module):
     def _check_values(self, input_ids, media_index, num_media: int, media_index_given: bool,
                       labels: Optional[torch.Tensor] = None) -> None:
         # Eager only: these read tensor values (one host sync).
-        if input_ids.device.type == "meta":
+        if not holds_values(input_ids):
             return
         values = [input_ids.min(), input_ids.max(), media_index.min().long(), media_index.max().long()]
         if labels is not None:  # -100 (ignored) aside, a label outside the vocabulary is a device-side assert on GPU
