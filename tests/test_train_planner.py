@@ -4,6 +4,7 @@ allocator's peak over a real forward + backward, and the command line."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from train.config import config_path, load_config
 from train.gpu_profiles import get_profile
@@ -83,15 +85,40 @@ def test_shard_bytes_and_traffic_equal_a_real_two_rank_run(tmp_path):
     assert real["traffic"]["all_gather"] >= 2 * real["parameters"]  # every unit gathered at least once
 
 
+class _HeapPeak(TorchDispatchMode):
+    """The process's heap in use (glibc mallinfo2: small blocks + mmapped large ones), sampled before and after
+    every op, above its level at entry: a measure that does not depend on torch's own bookkeeping."""
+
+    def __init__(self):
+        super().__init__()
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        self._info = libc.mallinfo2
+        self.base, self.peak = self._used(), 0
+
+    def _used(self) -> int:
+        info = self._info()
+        return info.uordblks + info.hblkhd
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.peak = max(self.peak, self._used() - self.base)
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self._used() - self.base)
+        return out
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 def _measured_peak(cfg, micro_batch: int, seq_len: int, images: int) -> int:
-    """The CPU allocator's peak over one real forward + backward of the model sharded the same way (FSDP2 over
-    a 1-rank gloo group, so its gather and reduce-scatter buffers are real too), above what was allocated
-    before (torch.profiler: each op's net allocation at its start time, cumulated)."""
+    """The heap's peak over one real forward + backward of the model sharded the same way (FSDP2 over a 1-rank
+    gloo group, so its gather and reduce-scatter buffers are real too), above what was allocated before."""
     import socket
 
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.profiler import ProfilerActivity, profile
 
     from flamingo_fast.models.flamingo import Flamingo
     from train.parallel import parallelize
@@ -107,19 +134,13 @@ def _measured_peak(cfg, micro_batch: int, seq_len: int, images: int) -> int:
         model.set_trainable(cfg.model.trainable)
         parallelize(model, cfg.parallel, init_device_mesh("cpu", (1,), mesh_dim_names=("dp",)))
         batch = fake_batch(model, micro_batch, seq_len, images)
-        gc.collect()  # garbage of earlier tests freed inside the window would lower the running sum
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        gc.collect()
+        with _HeapPeak() as heap:
             model(batch["input_ids"], batch["images"], labels=batch["labels"],
                   media_index=batch["media_index"]).loss.backward()
     finally:
         dist.destroy_process_group()
-    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.profiler.function_events
-                    if e.self_cpu_memory_usage)
-    running = peak = 0
-    for _, change in events:
-        running += change
-        peak = max(peak, running)
-    return peak
+    return heap.peak
 
 
 # Allocated before the measured window: the sharded parameters and the batch.
@@ -132,8 +153,11 @@ MEMORY_CASES = {  # config, overrides, (micro-batch, seq len, images)
 }
 
 
+# Measured 2026-12-05 (predicted / heap peak): demo 1.03, 1.06, 1.13 (none, selective, full); 3b-shape 1.01,
+# 1.02, 1.02. Not here: `tiny` (a step of a few MB, where the heap's other traffic moves the measure by ~10%
+# between runs) and its over-estimate with checkpointing (1.21 / 1.28 at 64 rows; issue 19).
 @pytest.mark.slow
-@pytest.mark.parametrize("case, checkpointing", [("demo", "none"), ("demo", "selective"),
+@pytest.mark.parametrize("case, checkpointing", [("demo", "none"), ("demo", "selective"), ("demo", "full"),
                                                  ("3b-shape, 2 layers", "none"), ("3b-shape, 2 layers", "full")])
 def test_peak_memory_of_a_step_within_15_percent_of_the_measured_peak(case, checkpointing):
     name, overrides, shape = MEMORY_CASES[case]
