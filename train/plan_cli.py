@@ -55,7 +55,7 @@ def print_plan(plan) -> None:
     memory.add_row("AdamW state (exp_avg, exp_avg_sq)", _gib(plan.memory.optimizer_state))
     memory.add_row("[bold]peak", f"[bold]{_gib(plan.memory.peak)}")
     memory.add_row("fits", f"{'yes' if plan.fits else '[red]no'} (largest micro-batch that fits: {plan.largest_micro_batch})")
-    memory.add_row("host: prefetched batches", _gib(plan.memory.host_pinned))
+    memory.add_row("host: prefetched batches", _gib(plan.memory.host_prefetch))
     console.print(memory)
     step = Table(title="per step")
     step.add_column("figure")

@@ -7,7 +7,7 @@ How each figure is obtained (nothing is materialised: the model lives on fake te
   torch's `FSDPMemTracker`, which sorts every live tensor into sharded/unsharded parameters and gradients,
   activations, all-gather / reduce-scatter buffers and temporaries, and records the peak. The AdamW state
   (two float32 moments per trainable element of this rank's shard) is added from the real shard sizes: it
-  lives through every later step. The data pipeline's pinned batches are host memory, reported apart.
+  lives through every later step. The data pipeline's prefetched batches (host memory) are estimated apart.
 - traffic: the bytes of every collective FSDP issues in that step, counted as issued (all-gather output,
   reduce-scatter input, all-reduce buffer), per rank.
 - compute: the model's FLOP counter (train/metrics.py) per micro-batch, at the GPU profile's peak times an
@@ -45,7 +45,7 @@ class MemoryPlan:
 
     by_category: dict[str, int]  # at the peak of forward + backward
     optimizer_state: int  # AdamW moments of this rank's shard, alive across steps
-    host_pinned: int  # the data pipeline's prefetched batches (host memory)
+    host_prefetch: int  # the data pipeline's prefetched batches (host memory)
 
     @property
     def peak(self) -> int:
