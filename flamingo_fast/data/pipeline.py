@@ -32,7 +32,6 @@ from torchdata.nodes import (
     Prefetcher,
     StopCriteria,
 )
-
 from torchdata.nodes.loader import LoaderIterator
 
 from flamingo_fast.data.captions import CaptionSource
