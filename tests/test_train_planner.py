@@ -154,8 +154,8 @@ MEMORY_CASES = {  # config, overrides, (micro-batch, seq len, images)
 
 
 # Measured 2026-12-05 (predicted / heap peak): demo 1.03, 1.06, 1.13 (none, selective, full); 3b-shape 1.01,
-# 1.02, 1.02. Not here: `tiny` (a step of a few MB, where the heap's other traffic moves the measure by ~10%
-# between runs) and its over-estimate with checkpointing (1.21 / 1.28 at 64 rows; issue 19).
+# 1.02, 1.02. Not here: `tiny`, over-estimated by an offset that grows faster than the batch (0.2 / 3.2 / 9.2 MB
+# at 32 / 64 / 128 rows, whichever unit kinds are checkpointed: 1.28 with full checkpointing at 64; issue 19).
 @pytest.mark.slow
 @pytest.mark.parametrize("case, checkpointing", [("demo", "none"), ("demo", "selective"), ("demo", "full"),
                                                  ("3b-shape, 2 layers", "none"), ("3b-shape, 2 layers", "full")])
