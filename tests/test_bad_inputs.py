@@ -163,6 +163,7 @@ CASES: dict[str, Case] = {
     "train: zero source weight": Case(_cli(*TRAIN, '--eval.sources=[{kind="shapes", weight=0}]'), 2,
                                       ("eval.sources[0].weight", "> 0")),
     "plan: zero GPUs": Case(_cli("plan", "--config", "tiny", "--gpus", "0"), 2, ("--gpus", ">= 1")),
+    "plan: no images": Case(_cli("plan", "--config", "tiny", "--gpus", "2", "--images", "0"), 2, ("--images", ">= 1")),
     "plan: unknown GPU profile": Case(_cli("plan", "--config", "tiny", "--gpus", "2", "--gpu", "tpu"), 2,
                                       ("--gpu", "invalid choice")),
     "plan: batch that does not split over the GPUs": Case(_cli("plan", "--config", "tiny", "--gpus", "3"), 2,

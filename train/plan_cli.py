@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a bench/results train-step JSON measured on that GPU: its efficiency replaces the profile's")
     parser.add_argument("--micro-batch", type=at_least(1), default=None, help="default: data.micro_batch_size")
     parser.add_argument("--seq-len", type=at_least(1), default=None, help="default: data.max_length")
-    parser.add_argument("--images", type=at_least(0), default=5, help="images per row (M3W: up to 5)")
+    parser.add_argument("--images", type=at_least(1), default=5, help="images per row (M3W: up to 5)")
     parser.add_argument("--json", type=Path, default=None, help="write the plan here")
     return parser
 

@@ -226,6 +226,8 @@ def trace_step(cfg: TrainConfig, world_size: int, micro_batch: int, seq_len: int
 
     if dist.is_initialized():
         raise RuntimeError("trace_step needs a process without a process group (it makes a fake one)")
+    if images < 1:  # the vision and resampler units would not run, and torch's memory tracker fails on those
+        raise ValueError(f"plan at least one image per row, got images={images}")
     mcfg = _model_config(cfg)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
