@@ -187,3 +187,18 @@ def test_plan_command_writes_json(tmp_path):
     written = json.loads((tmp_path / "plan.json").read_text())
     assert written["world_size"] == 2 and written["memory"]["peak"] > 0 and written["traffic"]["total"] > 0
     assert main(["--config", "tiny", "--gpus", "3", *TINY]) == 2  # 384 tokens do not split over 3 ranks
+
+
+def test_a_profile_takes_its_efficiency_from_a_measured_bench_json():
+    from train.gpu_profiles import from_bench_json
+
+    path = ROOT / "bench/results/2026-12-04-nvidia-h200-train-step.json"
+    rows = json.loads(path.read_text())
+    best = max(r["tflops"] for r in rows if r["op"] == "train_step" and r["impl"] == "compile+cuda")
+    profile = from_bench_json(get_profile("h200-141gb"), path)
+    assert profile.efficiency == pytest.approx(best / 989.0) and 0.3 < profile.efficiency < 0.5
+    assert profile.hbm_bytes == 141 * 2**30 and "compile+cuda" in profile.efficiency_source
+    with pytest.raises(ValueError, match="no train_step rows"):
+        from_bench_json(profile, ROOT / "bench/results/2026-12-04-cpu-2core-data.json")
+    with pytest.raises(ValueError, match="unknown GPU profile"):
+        get_profile("tpu-v4")
