@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from train.config import config_path, load_config
 from train.gpu_profiles import get_profile
+from train.parallel import _free_port
 from train.planner import fake_batch, make_plan, trace_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,17 +61,12 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_shard_bytes_and_traffic_equal_a_real_two_rank_run(tmp_path):
-    import socket
-
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("WORLD_SIZE", None)
     script = tmp_path / "real_run.py"
     script.write_text(REAL_RUN)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={port}", str(script), *TINY], env=env, cwd=ROOT, capture_output=True,
+                             f"--master_port={_free_port()}", str(script), *TINY], env=env, cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     real = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))[7:])
@@ -115,8 +111,6 @@ class _MallInfo2(ctypes.Structure):
 def _measured_peak(cfg, micro_batch: int, seq_len: int, images: int) -> int:
     """The heap's peak over one real forward + backward of the model sharded the same way (FSDP2 over a 1-rank
     gloo group, so its gather and reduce-scatter buffers are real too), above what was allocated before."""
-    import socket
-
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -124,10 +118,7 @@ def _measured_peak(cfg, micro_batch: int, seq_len: int, images: int) -> int:
     from train.parallel import parallelize
     from train.planner import _model_config
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         model = Flamingo(_model_config(cfg))

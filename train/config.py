@@ -202,16 +202,12 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 def _check_source_specs(name: str, sources: Any) -> None:
     """The shape of each spec (its files are read when the sources are built)."""
-    from flamingo_fast.data.pipeline import SOURCE_KINDS
+    from flamingo_fast.data.pipeline import check_source_spec
 
     if not isinstance(sources, list) or not sources:
         raise ValueError(f"{name} must be a non-empty list of source specs, got {sources!r}")
     for i, spec in enumerate(sources):
-        if not isinstance(spec, dict) or spec.get("kind") not in SOURCE_KINDS:
-            raise ValueError(f"{name}[{i}] must be a table with kind one of {SOURCE_KINDS}, got {spec!r}")
-        weight = spec.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ValueError(f"{name}[{i}].weight must be a number > 0, got {weight!r}")
+        check_source_spec(spec, f"{name}[{i}]")
 
 
 def _coerce(where: str, value: Any, expected: Any) -> Any:

@@ -110,10 +110,16 @@ class CollectiveCounter:
              "all_reduce": "all_reduce"}
 
     def __init__(self) -> None:
-        self.bytes = {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
-        self.calls: list[tuple[str, int]] = []
+        self.calls: list[tuple[str, int]] = []  # (kind, bytes) in issue order
         self._saved: dict[str, Any] = {}
         self._depth = 0
+
+    @property
+    def bytes(self) -> dict[str, int]:
+        totals = dict.fromkeys(("all_gather", "reduce_scatter", "all_reduce"), 0)
+        for kind, size in self.calls:
+            totals[kind] += size
+        return totals
 
     def __enter__(self) -> "CollectiveCounter":
         for name, kind in self.NAMES.items():
@@ -136,9 +142,7 @@ class CollectiveCounter:
         def counted(*args, **kwargs):
             if self._depth == 0:  # the _single variants call the _tensor ones: count the outer call only
                 tensor = args[position] if len(args) > position else next(kwargs[n] for n in names if n in kwargs)
-                size = tensor.numel() * tensor.element_size()
-                self.bytes[kind] += size
-                self.calls.append((kind, size))
+                self.calls.append((kind, tensor.numel() * tensor.element_size()))
             self._depth += 1
             try:
                 return original(*args, **kwargs)
@@ -191,16 +195,19 @@ class StepTrace:
     traffic: TrafficPlan
 
 
+def _image_positions(seq_len: int, images: int) -> list[int]:
+    """Where a planned row's <image> tokens sit: spread evenly, the first at position 0."""
+    return [i * seq_len // images for i in range(images)]
+
+
 def fake_batch(model: nn.Module, micro_batch: int, seq_len: int, images: int) -> dict[str, torch.Tensor]:
-    """A micro-batch of the given shape: each row starts with its images' <image> tokens spread over the row."""
+    """A micro-batch of the given shape: each row's <image> tokens at `_image_positions`."""
     cfg = model.cfg
     ids = torch.randint(0, cfg.lm.vocab_size, (micro_batch, seq_len))
     media_index = torch.full((micro_batch, seq_len), -1, dtype=torch.long)
-    if images:
-        starts = [i * seq_len // images for i in range(images)]
-        for number, start in enumerate(starts):
-            ids[:, start] = cfg.image_token_id
-            media_index[:, start:] = number
+    for number, start in enumerate(_image_positions(seq_len, images)):
+        ids[:, start] = cfg.image_token_id
+        media_index[:, start:] = number
     size = cfg.vision.image_size
     batch = {"input_ids": ids, "labels": ids.clone(), "media_index": media_index,
              "images": torch.randn(micro_batch, images, 1, 3, size, size) if images else None}
@@ -267,8 +274,9 @@ def trace_step(cfg: TrainConfig, world_size: int, micro_batch: int, seq_len: int
             name = getattr(key, "value", str(key))
             if name != "Total":
                 by_category[name] = by_category.get(name, 0) + int(value)
+    totals = counter.bytes
     gathers = [size for kind, size in counter.calls if kind == "all_gather"]
-    traffic = TrafficPlan(counter.bytes["all_gather"], counter.bytes["reduce_scatter"], counter.bytes["all_reduce"],
+    traffic = TrafficPlan(totals["all_gather"], totals["reduce_scatter"], totals["all_reduce"],
                           gathers[0] if gathers else 0)
     return StepTrace(by_category, sharded["optimizer"], sharded, traffic)
 
@@ -292,27 +300,27 @@ def _sharded_bytes(model: nn.Module) -> dict[str, int]:
 
 
 # -- the plan ---------------------------------------------------------------------------------------------------
-def _flops_per_micro_batch(cfg: TrainConfig, micro_batch: int, seq_len: int, images: int) -> float:
-    from flamingo_fast.models.flamingo import Flamingo
+def _flops_per_micro_batch(model: nn.Module, micro_batch: int, seq_len: int, images: int) -> float:
     from train.metrics import BatchShape, FlopCounter
 
-    with torch.device("meta"):
-        model = Flamingo(_model_config(cfg))
-    model.set_trainable(cfg.model.trainable)
-    batch = fake_batch(model, micro_batch, seq_len, images)
-    media_tokens = int((batch["media_index"] >= 0).sum())
+    positions = _image_positions(seq_len, images)
+    media_tokens = micro_batch * (seq_len - positions[0]) if positions else 0  # tokens at or after the first image
     shape = BatchShape(micro_batch * seq_len, micro_batch * seq_len**2, media_tokens, micro_batch * images,
                        micro_batch * images)
     return FlopCounter(model).flops(shape)
 
 
+def _link(world_size: int, gpu: GpuProfile) -> tuple[str, float]:
+    """The slowest link of the ring (name, GB/s per GPU): NVLink within a node, the network beyond."""
+    return ("NVLink", gpu.nvlink_gbps) if world_size <= gpu.gpus_per_node else ("the network", gpu.network_gbps)
+
+
 def _comm_seconds(traffic: TrafficPlan, world_size: int, gpu: GpuProfile) -> tuple[float, float]:
     """(seconds of all collectives, seconds of the first all-gather) per micro-batch. A ring collective moves
-    (world-1)/world of its buffer over the slowest link in the ring: NVLink within a node, the network beyond."""
+    (world-1)/world of its buffer over the ring's slowest link."""
     if world_size == 1:
         return 0.0, 0.0
-    link = gpu.nvlink_gbps if world_size <= gpu.gpus_per_node else gpu.network_gbps
-    factor = (world_size - 1) / world_size / (link * 1e9)
+    factor = (world_size - 1) / world_size / (_link(world_size, gpu)[1] * 1e9)
     return traffic.total * factor, traffic.first_unit_all_gather * factor
 
 
@@ -321,36 +329,37 @@ def make_plan(cfg: TrainConfig, world_size: int, gpu: GpuProfile, micro_batch: i
     """Plan `cfg` on `world_size` GPUs of profile `gpu` (see the module docstring)."""
     from train.optim import accumulation_steps
 
+    from flamingo_fast.models.flamingo import Flamingo
+
     start = time.perf_counter()
+    mcfg = _model_config(cfg)
+    with torch.device("meta"):  # for the FLOP counter and the parameter counts
+        model = Flamingo(mcfg)
+    model.set_trainable(cfg.model.trainable)
     micro_batch = micro_batch or cfg.data.micro_batch_size
     seq_len = seq_len or cfg.data.max_length
     accumulation = accumulation_steps(cfg.train.global_batch_tokens, world_size, micro_batch, seq_len)
     trace = trace_step(cfg, world_size, micro_batch, seq_len, images)
-    host = cfg.data.prefetch * micro_batch * (seq_len * 8 * 3 + images * 3 * _model_config(cfg).vision.image_size**2 * 4)
+    host = cfg.data.prefetch * micro_batch * (seq_len * 8 * 3 + images * 3 * mcfg.vision.image_size**2 * 4)
     memory = MemoryPlan(trace.memory_by_category, trace.optimizer_state, host)
     # Activations, temporaries and inputs grow with the micro-batch, the rest does not.
     per_row = max(sum(trace.memory_by_category.get(k, 0) for k in GROWS_WITH_BATCH) / micro_batch, 1)
     largest = max(micro_batch + math.floor((gpu.hbm_bytes - memory.peak) / per_row), 0)
-    flops = _flops_per_micro_batch(cfg, micro_batch, seq_len, images)
+    flops = _flops_per_micro_batch(model, micro_batch, seq_len, images)
     compute = flops / (gpu.peak_tflops * 1e12 * gpu.efficiency)
     comm, first = _comm_seconds(trace.traffic, world_size, gpu)
     micro_seconds = max(compute, comm) + first
     step = accumulation * micro_seconds
     tokens_per_step = world_size * accumulation * micro_batch * seq_len
-    from flamingo_fast.models.flamingo import Flamingo
-
-    with torch.device("meta"):
-        counted = Flamingo(_model_config(cfg))
-    counted.set_trainable(cfg.model.trainable)
+    link, gbps = _link(world_size, gpu)
     hours = cfg.train.steps * step / 3600
     return Plan(
         config=config_name, preset=cfg.model.preset, world_size=world_size, gpu=gpu.name, micro_batch=micro_batch,
-        seq_len=seq_len, images_per_row=images, accumulation=accumulation, parameters=counted.parameter_counts(),
+        seq_len=seq_len, images_per_row=images, accumulation=accumulation, parameters=model.parameter_counts(),
         sharded_bytes=trace.sharded_bytes, memory=memory, traffic=trace.traffic, flops_per_micro_batch=flops,
         compute_s=compute, comm_s=comm, step_s=step, tokens_per_s=tokens_per_step / step / world_size,
         mfu=accumulation * flops / step / (gpu.peak_tflops * 1e12), schedule_steps=cfg.train.steps,
         schedule_hours=hours, gpu_hours=hours * world_size, fits=memory.peak <= gpu.hbm_bytes,
         largest_micro_batch=largest, planning_s=time.perf_counter() - start,
         notes=[f"compute at {gpu.efficiency:.0%} of {gpu.peak_tflops:g} TFLOP/s ({gpu.efficiency_source})",
-               f"collectives over {'NVLink' if world_size <= gpu.gpus_per_node else 'the network'} at "
-               f"{gpu.nvlink_gbps if world_size <= gpu.gpus_per_node else gpu.network_gbps:g} GB/s per GPU"])
+               f"collectives over {link} at {gbps:g} GB/s per GPU"])

@@ -48,16 +48,23 @@ from flamingo_fast.data.webdataset import TarShardSource
 SOURCE_KINDS = ("shapes", "webdataset", "coco", "flickr30k", "vqav2")
 
 
+def check_source_spec(spec: Any, where: str = "a source spec") -> None:
+    """A spec's own fields, before any file is read: a table with a known kind and a weight > 0."""
+    if not isinstance(spec, Mapping) or spec.get("kind") not in SOURCE_KINDS:
+        raise ValueError(f"{where} is not a table or has an unknown kind: expected kind one of {SOURCE_KINDS}, "
+                         f"got {spec!r}")
+    weight = spec.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+        raise ValueError(f"{where}.weight must be a number > 0, got {weight!r}")
+
+
 def make_source(spec: Mapping[str, Any], image_size: int) -> tuple[Source, float]:
     """Build one source from its spec dict; returns (source, weight)."""
-    if not isinstance(spec, Mapping) or "kind" not in spec:
-        raise ValueError(f"a source spec must be a mapping with a 'kind' in {SOURCE_KINDS}, got {spec!r}")
+    check_source_spec(spec)
     options = dict(spec)
     kind = options.pop("kind")
     weight = options.pop("weight", 1.0)
     name = options.pop("name", kind)
-    if not isinstance(weight, (int, float)) or weight <= 0:
-        raise ValueError(f"source {name!r}: weight must be a positive number, got {weight!r}")
     try:
         if kind == "shapes":
             source = MapSource(ShapesDataset(image_size=image_size, **options), name=name)
@@ -65,10 +72,8 @@ def make_source(spec: Mapping[str, Any], image_size: int) -> tuple[Source, float
             source = TarShardSource(name=name, **options)
         elif kind in ("coco", "flickr30k"):
             source = CaptionSource(name=name, **options)
-        elif kind == "vqav2":
+        else:  # "vqav2": check_source_spec admits only the kinds above
             source = VQAv2Source(name=name, **options)
-        else:
-            raise ValueError(f"source {name!r}: unknown kind {kind!r}; expected one of {SOURCE_KINDS}")
     except TypeError as error:  # unexpected / missing constructor options
         raise ValueError(f"source {name!r} ({kind}): bad options {sorted(options)}: {error}") from None
     return source, float(weight)
