@@ -40,7 +40,7 @@ from train.checkpoint import (CheckpointManager, CorruptCheckpointError, export_
 from train.config import TrainConfig, to_toml
 from train.data import build_tokenizer, build_train_loader, eval_collator, eval_samples, steps_per_epoch
 from train.evaluate import EvalResult, evaluate
-from train.loss import count_label_tokens, token_loss_sum
+from train.loss import count_label_tokens, micro_batch_loss_sum
 from train.metrics import BatchShape, FlopCounter, MetricsLogger, device_peak_flops, memory_stats
 from train.optim import accumulation_steps, build_optimizer, build_schedule
 from train.parallel import DistInfo, compute_dtype, init_distributed, parallelize
@@ -181,13 +181,6 @@ class Trainer:
         self._eval_samples = None
 
     # -- one step --------------------------------------------------------------------------------------------
-    def _forward_loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        images = batch.get("images")
-        if images is not None and images.shape[1] == 0:
-            images = None
-        out = self.model(batch["input_ids"], images, media_index=batch["media_index"])
-        return token_loss_sum(out.logits, batch["labels"], self.model_cfg.image_token_id, self.model_cfg.pad_token_id)
-
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
         """One optimizer step over this rank's micro-batches (module docstring)."""
         device = self.info.device
@@ -201,7 +194,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         shape = None
         for batch in micro_batches:
-            loss = self._forward_loss_sum(batch)
+            loss = micro_batch_loss_sum(self.model, batch, cfg.image_token_id, cfg.pad_token_id)
             (loss * scale).backward()
             loss_sum += loss.detach().double()
             shape = BatchShape.from_batch(batch) if shape is None else shape + BatchShape.from_batch(batch)

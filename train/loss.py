@@ -38,3 +38,15 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, image_token_id: i
     targets = loss_targets(labels, image_token_id, pad_token_id)
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def micro_batch_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], image_token_id: int,
+                         pad_token_id: int | None) -> torch.Tensor:
+    """The trainer's forward of one micro-batch: its summed token loss. The logits go out of scope before the
+    caller's backward (cross-entropy saves its own copy), so they are not live at the backward's peak; the
+    planner traces this same function, so its memory model holds for what the trainer runs."""
+    images = batch.get("images")
+    if images is not None and images.shape[1] == 0:
+        images = None
+    logits = model(batch["input_ids"], images, media_index=batch["media_index"]).logits
+    return token_loss_sum(logits, batch["labels"], image_token_id, pad_token_id)

@@ -73,6 +73,10 @@ def print_plan(plan) -> None:
         (f"schedule: {plan.schedule_steps:,} steps", f"{plan.schedule_hours / 24:,.1f} days, "
                                                     f"{plan.gpu_hours:,.0f} GPU-hours"),
     ]
+    if plan.paper is not None:
+        paper = plan.paper
+        rows.append((f"the paper: {paper['model']} on {paper['chips']:,} {paper['chip']}",
+                     f"{paper['days']:,.1f} days, {paper['chip_hours']:,.0f} chip-hours"))
     for name, value in rows:
         step.add_row(name, value)
     console.print(step)
