@@ -206,13 +206,16 @@ def test_a_profile_takes_its_efficiency_from_a_measured_bench_json():
 def test_the_xl_plan_runs_in_a_minute_without_materialising_a_weight(tmp_path):
     """Issue 19's target: the 80 B plan on the 2-core machine, in a process whose peak RSS stays far below one
     bf16 copy of the model (160 GB; a single real layer of it would already show), within 60 s."""
-    code = ("import resource, sys, time; from train.plan_cli import main; t = time.perf_counter(); "
+    # Peak RSS from /proc (VmHWM, this process image's own): getrusage's ru_maxrss survives exec on Linux and
+    # would report the forking pytest process's peak.
+    code = ("import re, sys, time; from train.plan_cli import main; t = time.perf_counter(); "
             "rc = main(['--config', 'xl', '--gpus', '256', '--json', sys.argv[1]]); "
-            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+            "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
+            "print(time.perf_counter() - t, hwm); sys.exit(rc)")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "xl.json")], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    seconds, max_rss_kib = done.stdout.split()[-2:]
+    seconds, max_rss_kib = done.stdout.split()[-2:]  # kB
     assert float(seconds) < 60 and int(max_rss_kib) < 4 * 2**20, (seconds, max_rss_kib)
     plan = json.loads((tmp_path / "xl.json").read_text())
     assert plan["world_size"] == 256 and plan["accumulation"] == 4 and plan["fits"]
