@@ -28,7 +28,8 @@ from flamingo_fast.models.compile import COMPILE_MODES
 E2E_OP = "train_step"
 GENERATE_OP = "generate"
 DATA_OP = "data"
-ALL_OPS = OPS + (E2E_OP, GENERATE_OP, DATA_OP)
+PACKING_OP = "packing"
+ALL_OPS = OPS + (E2E_OP, GENERATE_OP, DATA_OP, PACKING_OP)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ops", nargs="+", choices=ALL_OPS, default=list(ALL_OPS),
                         help="ops to run (train_step = the end-to-end training step; generate = greedy decoding "
                              "with the media K/V cached vs recomputed every step, as OpenFlamingo does; data = "
-                             "WebDataset samples/s per decode worker)")
+                             "WebDataset samples/s per decode worker; packing = useful tokens/s of packed vs padded rows)")
     parser.add_argument("--impls", nargs="+", choices=IMPL_NAMES, default=None,
                         help="implementations of the attention ops to run (default: all); generate uses torch")
     parser.add_argument("--variants", nargs="+", choices=E2E_VARIANTS, default=None,
@@ -170,6 +171,10 @@ def _run(args, device: torch.device, dtype: torch.dtype, argv) -> int:
         from bench.data_path import bench_data
 
         rows += bench_data(settings, args.quick, on_row=progress)
+    if PACKING_OP in args.ops:
+        from bench.packing import bench_packing
+
+        rows += bench_packing(settings, args.quick, on_row=progress)
     fill_best_peer(rows)
 
     note = f"  ({case_note})" if case_note else ""

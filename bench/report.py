@@ -13,7 +13,7 @@ from bench.harness import Row
 # fp32 forward, 2k text tokens: >= 5x at 8 images and >= 20x at 32 images (fwd+bwd is reported alongside).
 MEDIA_TARGETS = {8: 5.0, 32: 20.0}
 MEDIA_TARGET_SEQ = 2048
-MODEL_OPS = ("train_step", "generate")  # whole-model rows: tokens/s columns, not on the kernels' plot
+MODEL_OPS = ("train_step", "generate", "packing")  # whole-model rows: tokens/s columns, not on the kernels' plot
 STATUS_STYLE = {"ok": "", "wrong": "red", "error": "red", "unavailable": "dim", "skipped": "dim"}
 
 

@@ -137,3 +137,14 @@ def llama_style_tokenizer_json(folder: Path, name: str = "tokenizer.json") -> tu
     path = folder / name
     tok.save(str(path))
     return path, tok.get_vocab_size()
+
+
+def assert_same_batches(a, b) -> None:
+    """Two lists of batch dicts are equal, key for key and bit for bit (exact-resume checks)."""
+    import torch
+
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            assert torch.equal(x[key], y[key]), key

@@ -10,6 +10,7 @@ import bench
 from bench.cases import OPS
 from bench.e2e import VARIANTS as E2E_VARIANTS
 from bench.impls import IMPL_NAMES
+from bench.packing import LAYOUTS as PACKING_LAYOUTS
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC_FIELDS = {
@@ -38,13 +39,15 @@ def test_quick_json_schema(quick_run):
         for name, kind in PUBLIC_FIELDS.items():
             assert name in row, name
             assert isinstance(row[name], kind), (name, row[name])
-        names = {"train_step": E2E_VARIANTS, "data": ("workers=0",)}.get(row["op"], IMPL_NAMES)
+        names = {"train_step": E2E_VARIANTS, "data": ("workers=0",), "packing": PACKING_LAYOUTS}.get(row["op"], IMPL_NAMES)
         assert row["impl"] in names, row
         assert row["direction"] in ("fwd", "fwd+bwd")
         if row["ms"] is not None:  # timed rows passed the correctness gate and carry their rates
             assert row["available"] and row["status"] == "ok"
             if row["op"] == "data":  # throughput only: no FLOPs, no oracle
                 assert row["ms"] > 0 and row["samples_per_s"] > 0
+            elif row["op"] == "packing":  # useful tokens/s; gated on the float64 loss of every layout
+                assert row["ms"] > 0 and row["tokens_per_s"] > 0 and row["rel_err"] <= row["tolerance"]
             else:
                 assert row["ms"] > 0 and row["tflops"] > 0 and row["rel_err"] <= row["tolerance"]
         else:
@@ -54,7 +57,7 @@ def test_quick_json_schema(quick_run):
 @pytest.mark.slow
 def test_quick_covers_every_op_and_both_directions(quick_run):
     _, rows = quick_run
-    for op in OPS + ("train_step", "generate"):
+    for op in OPS + ("train_step", "generate", "packing"):
         timed = [r for r in rows if r["op"] == op and r["available"] and r["ms"] is not None]
         assert timed, f"no timed row for {op}"
     for op in OPS:

@@ -7,7 +7,8 @@ import pickle
 import pytest
 import torch
 
-from data_fixtures import CORRUPT_IMAGE, image_bytes, make_karpathy, pair_members, truncate_in_member, write_tar
+from data_fixtures import (CORRUPT_IMAGE, assert_same_batches, image_bytes, make_karpathy, pair_members,
+                           truncate_in_member, write_tar)
 from flamingo_fast.data import MapSource, build_loader, shapes_dataset, shapes_tokenizer
 from flamingo_fast.data.skipping import NoUsableDataError
 
@@ -19,14 +20,6 @@ def tok():
 
 def _take(iterator, n):
     return [next(iterator) for _ in range(n)]
-
-
-def _assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            assert torch.equal(x[key], y[key]), key
 
 
 def _mixed_sources(tmp_path):
@@ -66,7 +59,7 @@ def test_resume_mid_epoch_gives_exactly_the_unseen_batches(tmp_path, tok, num_wo
 
     resumed = make()
     resumed.load_state_dict(state)
-    _assert_same_batches(_take(iter(resumed), 12), reference)
+    assert_same_batches(_take(iter(resumed), 12), reference)
     assert set(resumed.skipped) <= {"corrupt_image"}
     if num_workers == 0 and prefetch == 0:
         # Without read-ahead the counters are exact: the resumed run continues the saved counts.
@@ -189,7 +182,7 @@ def test_process_workers(tok):
     threads = list(build_loader(sources, tok, num_workers=0, **common))
     # "fork" keeps this test fast; spawn/forkserver additionally pickle the worker's sources and collator:
     with build_loader(sources, tok, num_workers=2, worker_method="process", multiprocessing_context="fork", **common) as loader:
-        _assert_same_batches(list(loader), threads)
+        assert_same_batches(list(loader), threads)
         sources_copy, collator_copy = pickle.loads(pickle.dumps((loader.sources, loader.collator)))
     sample = sources_copy["shapes"].decode(5)
     assert torch.equal(collator_copy.encode(sample).input_ids, loader.collator.encode(loader.sources["shapes"].decode(5)).input_ids)
@@ -205,8 +198,8 @@ def test_epochs_reshuffle_and_close_restarts(tok):
         first = list(loader)
         loader.close()  # stops the background threads; the next iter() starts them again
         second = list(loader)
-    _assert_same_batches(first, inline_epochs[0])
-    _assert_same_batches(second, inline_epochs[1])
+    assert_same_batches(first, inline_epochs[0])
+    assert_same_batches(second, inline_epochs[1])
 
 
 @pytest.mark.parametrize("num_workers, prefetch", [(0, 0), (2, 2)])
@@ -227,7 +220,7 @@ def test_state_saved_after_an_epoch_ends_resumes_into_exactly_the_next_epoch(tok
         resumed.load_state_dict(state)
         again = list(resumed)
     assert len(first) == len(second) == 8
-    _assert_same_batches(again, second)
+    assert_same_batches(again, second)
     assert not torch.equal(first[0]["images"], second[0]["images"])
 
 

@@ -49,6 +49,17 @@ def test_opcheck_media_cross_attention(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_opcheck_document_attention(backend):
+    q, k, v = _randn(2, 7, 4, 16, seed=0), _randn(2, 7, 2, 16, seed=1), _randn(2, 7, 2, 16, seed=2)
+    document_ids = torch.tensor([[0, 0, 1, 1, 1, 2, 3], [0, 0, 0, 0, 0, 0, 0]])
+    torch.library.opcheck(OPS.document_attention_fwd.default, (q, k, v, document_ids, 0.25, backend))
+    out, lse = OPS.document_attention_fwd(q, k, v, document_ids, 0.25, backend)
+    dout = _randn(*out.shape, seed=3, requires_grad=False)
+    torch.library.opcheck(OPS.document_attention_bwd.default,
+                          (dout, *_detached(q, k, v, out, lse), document_ids, 0.25, backend))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_opcheck_perceiver_attention(backend):
     q, k, v = _randn(2, 4, 2, 16, seed=0), _randn(2, 9, 2, 16, seed=1), _randn(2, 9, 2, 16, seed=2)
     torch.library.opcheck(OPS.perceiver_attention_fwd.default, (q, k, v, 0.25, backend))

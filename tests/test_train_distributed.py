@@ -44,8 +44,9 @@ def _check(result: subprocess.CompletedProcess) -> None:
 
 @pytest.mark.slow
 def test_two_rank_fsdp_matches_one_rank(tmp_path):
+    # Unpacked rows: packing fills rows from each rank's own shard, so one rank and two form other rows.
     args = ["-m", "train", "--config", "tiny", ONE_SOURCE, "--train.steps=4", "--checkpoint.every=0",
-            "--checkpoint.save_final=false", "--eval.at_end=true"]
+            "--checkpoint.save_final=false", "--eval.at_end=true", "--data.packing=false"]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_port={_free_port()}", *args,
                           f"--train.out_dir={tmp_path / 'two'}"], env=_env(), cwd=ROOT, capture_output=True,
@@ -120,6 +121,10 @@ def test_two_rank_checkpoint_manifest_covers_every_rank_and_a_corrupt_shard_stop
             "--eval.at_end=false", f"--train.out_dir={tmp_path}"]
     _check(subprocess.run([*launch, f"--master_port={_free_port()}", *args], env=_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=300))
+    # Packed rows (tiny's default): the packing efficiency is reduced over both ranks and logged per source.
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(set(r["packing_efficiency"]) == {"mixed"} and 0.5 < r["packing_efficiency"]["mixed"] <= 1.0
+               for r in logged)
     folder = tmp_path / "checkpoints" / "step_00000002"
     files = json.loads((folder / "MANIFEST.json").read_text())["files"]
     assert {"__0_0.distcp", "__1_0.distcp", "rank_0.json", "rank_1.json", ".metadata", "trainer.json"} <= set(files)

@@ -33,7 +33,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path):
     # per-micro-batch mean (Flamingo.loss) before the update, weighted by each micro-batch's label tokens.
     cfg = trainer.model_cfg
     with torch.no_grad():
-        parts = [(trainer.model(b["input_ids"], b["images"], labels=b["labels"], media_index=b["media_index"]).loss.item(),
+        parts = [(trainer.model(b["input_ids"], b["images"], labels=b["labels"], media_index=b["media_index"],
+                                document_ids=b["document_ids"], positions=b["positions"]).loss.item(),
                   count_label_tokens(b["labels"], cfg.image_token_id, cfg.pad_token_id)) for b in first]
     expected = sum(mean * n for mean, n in parts) / sum(n for _, n in parts)
     good = trainer.train_step(first)
@@ -134,7 +135,7 @@ def test_finetune_mode_runs_epochs_with_eval_after_each(tmp_path):
     out = tmp_path / "ft"
     cfg = tiny(out, f"--model.init_from={init / 'model.safetensors'}", "--train.epochs=2", "--optim.lr=1e-5",
                '--data.sources=[{kind="shapes", name="vqa", split="train", n=24, task="vqa"}]',
-               "--checkpoint.every=0")
+               "--checkpoint.every=0", "--data.packing=false")
     trainer = Trainer(cfg)
     assert trainer.steps_per_epoch == 2 and trainer.total_steps == 4  # 24 rows / 16 rows per step, rounded up
     # Starts from the exported weights.

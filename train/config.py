@@ -54,6 +54,10 @@ class DataSection:
     num_workers: int = 0  # decode workers (threads) of the pipeline
     prefetch: int = 2  # batches prepared ahead in a background thread (0: none)
     max_consecutive_skips: int = 1000  # broken records in a row that stop the run (unreadable data, not noise)
+    # Pack whole samples into rows of exactly max_length tokens, one source per row (flamingo_fast/data/packing.py);
+    # false: one sample per row, padded. Evaluation is never packed.
+    packing: bool = True
+    packing_buffer: int = 32  # samples buffered per source for packing (fuller rows vs. longer replay on resume)
 
 
 @dataclass
@@ -170,6 +174,7 @@ class TrainConfig:
             "data.max_length": self.data.max_length,
             "data.micro_batch_size": self.data.micro_batch_size,
             "data.max_consecutive_skips": self.data.max_consecutive_skips,
+            "data.packing_buffer": self.data.packing_buffer,
             "train.global_batch_tokens": self.train.global_batch_tokens,
             "train.log_every": self.train.log_every,
             "train.max_consecutive_nonfinite": self.train.max_consecutive_nonfinite,
@@ -177,12 +182,18 @@ class TrainConfig:
             "eval.batch_size": self.eval.batch_size,
             "eval.max_new_tokens": self.eval.max_new_tokens,
         }
+        if not isinstance(self.data.packing, bool):
+            raise ValueError(f"data.packing must be true or false, got {self.data.packing!r}")
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.train.epochs < 0 or (self.train.epochs == 0 and self.train.steps < 1):
             raise ValueError(f"train.steps must be >= 1 (or train.epochs > 0), got steps={self.train.steps}, "
                              f"epochs={self.train.epochs}")
+        if self.train.epochs > 0 and self.data.packing and self.train.steps_per_epoch == 0:
+            raise ValueError("train.epochs with data.packing = true: how many packed rows an epoch makes depends on "
+                             "the samples' lengths, so set train.steps_per_epoch, or data.packing = false (one "
+                             "sample per row, an epoch is the sources' size / rows per step)")
         if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.min_lr > self.optim.lr:
             raise ValueError(f"need 0 <= optim.min_lr <= optim.lr and lr > 0, got lr={self.optim.lr}, "
                              f"min_lr={self.optim.min_lr}")

@@ -26,6 +26,7 @@ def build_train_loader(cfg: TrainConfig, tokenizer: Tokenizer, image_size: int, 
         data.sources, tokenizer, data.micro_batch_size, image_size, rank=rank, world_size=world_size,
         seed=cfg.train.seed, num_workers=data.num_workers, prefetch_factor=data.prefetch, max_length=data.max_length,
         cycle=True, drop_last=True, max_consecutive_skips=data.max_consecutive_skips,
+        packing=data.packing, packing_buffer=data.packing_buffer,
     )
 
 

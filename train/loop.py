@@ -60,6 +60,8 @@ class StepResult:
     input_tokens: int
     flops: float
     skipped: bool
+    # Packed batches: real tokens / row tokens per source over the step, all ranks (issue 18's metric).
+    packing_efficiency: dict[str, float] | None = None
 
 
 @dataclass
@@ -192,15 +194,26 @@ class Trainer:
         # FSDP averages gradients over ranks; multiplying by world_size turns that into the sum.
         scale = self.info.world_size / max(global_tokens, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        # Source names in the loader's order (pipeline.make_source names a spec by its kind by default); the
+        # same length on every rank, as the all-reduce needs.
+        names = [spec.get("name", spec["kind"]) for spec in self.cfg.data.sources]
+        packing = torch.zeros(2, max(len(names), 1), dtype=torch.float64, device=device)  # real, row tokens
         shape = None
         for batch in micro_batches:
+            if "source_index" in batch:
+                rows = batch["source_index"]
+                packing[0].index_add_(0, rows, batch["attention_mask"].sum(dim=1).double())
+                packing[1].index_add_(0, rows, torch.full_like(rows, batch["input_ids"].shape[1]).double())
             loss = micro_batch_loss_sum(self.model, batch, cfg.image_token_id, cfg.pad_token_id)
             (loss * scale).backward()
             loss_sum += loss.detach().double()
             shape = BatchShape.from_batch(batch) if shape is None else shape + BatchShape.from_batch(batch)
-        totals = torch.stack([loss_sum, torch.tensor(float(shape.text_tokens), dtype=torch.float64, device=device),
-                              torch.tensor(self.flop_counter.flops(shape), dtype=torch.float64, device=device)])
-        loss_total, input_tokens, flops = _all_reduce_sum(totals).tolist()
+        totals = torch.cat([loss_sum[None], torch.tensor([float(shape.text_tokens), self.flop_counter.flops(shape)],
+                                                         dtype=torch.float64, device=device), packing.flatten()])
+        totals = _all_reduce_sum(totals).tolist()
+        loss_total, input_tokens, flops = totals[:3]
+        real, row = totals[3:3 + packing.shape[1]], totals[3 + packing.shape[1]:]
+        efficiency = {name: real[i] / row[i] for i, name in enumerate(names) if row[i] > 0} or None
         loss_value = loss_total / max(global_tokens, 1.0)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -228,7 +241,7 @@ class Trainer:
                 f"{self.cfg.train.max_consecutive_nonfinite}). Lower optim.lr, check the data, or resume from an "
                 "earlier checkpoint."
             )
-        return StepResult(loss_value, grad_norm, int(global_tokens), int(input_tokens), flops, skipped)
+        return StepResult(loss_value, grad_norm, int(global_tokens), int(input_tokens), flops, skipped, efficiency)
 
     # -- state -----------------------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
@@ -352,6 +365,7 @@ class Trainer:
                         "tflops": window_flops / elapsed / 1e12, "label_tokens": result.label_tokens,
                         "data_wait_ms": 1e3 * window_wait / max(window_steps, 1),
                         "skipped": self.skipped_steps, "data_skipped": sum(self.loader.skipped.values()),
+                        **({"packing_efficiency": result.packing_efficiency} if result.packing_efficiency else {}),
                         **({"epoch": (self.step - 1) // self.steps_per_epoch + 1} if self.steps_per_epoch else {}),
                         **memory_stats(self.info.device),
                     }

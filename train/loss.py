@@ -44,9 +44,12 @@ def micro_batch_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                          pad_token_id: int | None) -> torch.Tensor:
     """The trainer's forward of one micro-batch: its summed token loss. The logits go out of scope before the
     caller's backward (cross-entropy saves its own copy), so they are not live at the backward's peak; the
-    planner traces this same function, so its memory model holds for what the trainer runs."""
+    planner traces this same function, so its memory model holds for what the trainer runs. Packed batches
+    (flamingo_fast.data.packing: document_ids, positions, a flat image list) go through as such."""
+    packed = "document_ids" in batch
     images = batch.get("images")
-    if images is not None and images.shape[1] == 0:
+    if images is not None and images.shape[0 if packed else 1] == 0:  # no image in the whole batch / any row
         images = None
-    logits = model(batch["input_ids"], images, media_index=batch["media_index"]).logits
+    extra = {"document_ids": batch["document_ids"], "positions": batch["positions"]} if packed else {}
+    logits = model(batch["input_ids"], images, media_index=batch["media_index"], **extra).logits
     return token_loss_sum(logits, batch["labels"], image_token_id, pad_token_id)

@@ -80,6 +80,7 @@ class BatchShape:
 
     @classmethod
     def from_batch(cls, batch: dict[str, torch.Tensor]) -> "BatchShape":
+        """Padded rows (one document per row) or packed rows (document_ids; images the batch's flat list)."""
         lengths = batch["attention_mask"].sum(dim=1) if "attention_mask" in batch else \
             torch.full((batch["input_ids"].shape[0],), batch["input_ids"].shape[1])
         media = batch.get("media_index")
@@ -87,9 +88,21 @@ class BatchShape:
         media_tokens = int(((media >= 0) & real).sum()) if media is not None else 0
         images = batch.get("images")
         num_images = batch.get("num_images")
-        frames_per = images.shape[2] if images is not None and images.dim() == 6 else 0
-        items = int(num_images.sum()) if num_images is not None else (images.shape[0] * images.shape[1] if frames_per else 0)
-        return cls(int(lengths.sum()), int((lengths.long() ** 2).sum()), media_tokens, items * frames_per, items)
+        packed = "document_ids" in batch
+        frame_dim = 1 if packed else 2
+        frames_per = images.shape[frame_dim] if images is not None and images.dim() == 4 + frame_dim else 0
+        if num_images is not None:
+            items = int(num_images.sum())
+        else:
+            items = (images.shape[0] if packed else images.shape[0] * images.shape[1]) if frames_per else 0
+        if packed:  # causal self-attention is per document: the squares of the real documents' lengths
+            documents = batch["document_ids"].long()
+            keys = (documents + torch.arange(documents.shape[0], device=documents.device)[:, None]
+                    * (documents.shape[1] + 1))[real]
+            squares = int((torch.bincount(keys) ** 2).sum())
+        else:
+            squares = int((lengths.long() ** 2).sum())
+        return cls(int(lengths.sum()), squares, media_tokens, items * frames_per, items)
 
     def __add__(self, other: "BatchShape") -> "BatchShape":
         return BatchShape(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))

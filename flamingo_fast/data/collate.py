@@ -3,7 +3,10 @@
 Two steps, so the heavy one can run in parallel pipeline workers:
 - `Collator.encode(sample) -> EncodedSample`: tokenize, build labels, transform images (per sample);
 - `Collator.collate(encoded) -> dict`: pad into tensors (per batch).
-`Collator(samples)` does both.
+`Collator(samples)` does both. With packing (data/packing.py), `collate` is replaced by
+`packing.collate_packed`, which puts several encoded samples in each row of exactly max_length tokens and adds
+per-token `positions` / `document_ids` (layout in packing.py's docstring); this module's padded layout below
+is the unpacked one (evaluation, generation, packing=False).
 
 Batch dict (B rows, S = longest row, T = most images in a row):
     input_ids      (B, S) long, padded with tokenizer.pad_id (right padding by default)

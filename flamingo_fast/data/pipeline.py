@@ -4,10 +4,12 @@
     -> MultiNodeWeightedSampler (weighted mixture, as Flamingo mixes M3W/ALIGN/LTIP/VTP)
     -> ParallelMapper: decode + tokenize + transform (threads or processes, order preserved)
     -> SkipFilter (drops, counts and logs broken records) -> Batcher -> Mapper(collate) -> Prefetcher
+    with packing=True:  ... -> SkipFilter -> Packer (whole samples into rows of max_length tokens, one source
+    per row: data/packing.py) -> Batcher(rows) -> Mapper(collate_packed) -> Prefetcher
 
 `build_loader(...)` returns a `DataLoader` (a `torchdata.nodes.Loader`): iterate it for batch dicts
-(layout in collate.py), checkpoint it with `state_dict()` / `load_state_dict()` (resuming yields exactly
-the batches not yet seen), read its skip counters from `.skipped`.
+(padded layout in collate.py, packed layout in packing.py), checkpoint it with `state_dict()` /
+`load_state_dict()` (resuming yields exactly the batches not yet seen), read its skip counters from `.skipped`.
 
 Source specs (plain dicts, e.g. from a TOML config): {"kind": ..., "weight": float, "name": str, ...},
 where the remaining keys go to the source's constructor:
@@ -36,6 +38,7 @@ from torchdata.nodes.loader import LoaderIterator
 
 from flamingo_fast.data.captions import CaptionSource
 from flamingo_fast.data.collate import Collator, EncodedSample
+from flamingo_fast.data.packing import DEFAULT_PACKING_BUFFER, PackedCollate, Packer, check_packing_buffer
 from flamingo_fast.data.sample import BadSampleError
 from flamingo_fast.data.shapes import ShapesDataset, shapes_tokenizer
 from flamingo_fast.data.skipping import MAX_CONSECUTIVE_SKIPS, SkipFilter, Skipped
@@ -115,14 +118,20 @@ class DataLoader(Loader):
               state; with workers/prefetch it includes records decoded ahead of the last batch)
     collator: the Collator used (also useful for evaluation batches)
     sources:  name -> Source; weights: name -> mixture weight
+    source_names: the source names in the order the sources were given (a packed batch's `source_index`
+              indexes this list)
+    packing:  whether batches have the packed layout (packing.py) rather than the padded one (collate.py)
     """
 
-    def __init__(self, root: BaseNode, skip_filter: SkipFilter, collator: Collator, sources: dict, weights: dict):
+    def __init__(self, root: BaseNode, skip_filter: SkipFilter, collator: Collator, sources: dict, weights: dict,
+                 packing: bool = False):
         super().__init__(root)
         self._skip_filter = skip_filter
         self.collator = collator
         self.sources = sources
         self.weights = weights
+        self.source_names = list(sources)
+        self.packing = packing
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -197,6 +206,8 @@ def build_loader(
     cycle: bool = True,
     drop_last: bool = True,
     max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS,
+    packing: bool = False,
+    packing_buffer: int = DEFAULT_PACKING_BUFFER,
 ) -> DataLoader:
     """Build the batch pipeline for this rank.
 
@@ -211,6 +222,9 @@ def build_loader(
                     False: stop once every source has been read once (one epoch, e.g. evaluation)
     max_consecutive_skips: that many broken records in a row stop the stream with NoUsableDataError
                     (data/skipping.py) instead of spinning forever on unreadable data
+    packing:        pack whole samples into rows of exactly max_length tokens, one source per row (needs
+                    max_length; batch_size then counts rows): the packed batch layout of data/packing.py
+    packing_buffer: samples buffered per source for packing (more: fuller rows, longer replay on resume)
     """
     check_rank(rank, world_size)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -221,6 +235,15 @@ def build_loader(
         raise ValueError(f"num_workers and prefetch_factor must be >= 0, got {num_workers}, {prefetch_factor}")
     if not sources:
         raise ValueError("build_loader needs at least one source")
+    if not isinstance(packing, bool):
+        raise ValueError(f"packing must be True or False, got {packing!r}")
+    check_packing_buffer(packing_buffer)
+    if packing:
+        if max_length is None:
+            raise ValueError("packing=True needs max_length (the packed row length), got max_length=None")
+        if collator is not None and (collator.max_length is None or collator.max_length > max_length):
+            raise ValueError(f"packing: the collator truncates to max_length={collator.max_length}, "
+                             f"which must be <= max_length={max_length}")
     if collator is None:
         collator = Collator(tokenizer, image_size, mean=mean, std=std, max_length=max_length)
     elif collator.image_size != image_size:
@@ -253,10 +276,15 @@ def build_loader(
     else:
         node = Mapper(node, encode)
     skip_filter = SkipFilter(node, max_consecutive=max_consecutive_skips)
-    node = Mapper(Batcher(skip_filter, batch_size=batch_size, drop_last=drop_last), collator.collate)
+    if packing:
+        packer = Packer(skip_filter, max_length=max_length, buffer_size=packing_buffer)
+        collate = PackedCollate(max_length, collator.tokenizer.pad_id, collator.tokenizer.image_token_id, list(built))
+        node = Mapper(Batcher(packer, batch_size=batch_size, drop_last=drop_last), collate)
+    else:
+        node = Mapper(Batcher(skip_filter, batch_size=batch_size, drop_last=drop_last), collator.collate)
     if prefetch_factor > 0:
         node = Prefetcher(node, prefetch_factor=prefetch_factor)
-    return DataLoader(node, skip_filter, collator, built, mixture)
+    return DataLoader(node, skip_filter, collator, built, mixture, packing=packing)
 
 
 def make_tokenizer(spec: str | os.PathLike) -> Tokenizer:

@@ -38,6 +38,13 @@ later calls pass only the new token ids. Left-padded rows (prompts of different 
 `key_padding_mask` (B, cached + S), True at padding, to the LM (lm.py); media cross-attention needs nothing
 more, since a padding token is no `<image>` and so never moves a row's media_index.
 
+Packed rows (sequence packing, training): pass `document_ids` (B, S), non-decreasing per row (a document is a
+run of one id), `images` as the batch's flat list (N, F, C, H, W) (or `latents` (N, n_latents, Dm)) and
+`media_index` (B, S) indexing that flat list, -1 before a token's own document's first image. Self-attention
+stays within each document, RoPE positions restart per document (unless `positions` are given), and each
+xattn layer sees the batch as one long row of B * S queries over the N images, so the media op needs no
+per-row image padding.
+
 Input checks: shapes, dtypes and devices are checked on every call; checks that read tensor values (token
 ids in range, `<image>` count vs T_img, media_index range) run in eager mode only, so that
 `torch.compile(fullgraph=True)` traces without graph breaks.
@@ -186,19 +193,23 @@ class Flamingo(nn.Module):
         cache: Optional[FlamingoCache] = None,
         key_padding_mask: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> FlamingoOutput:
         """input_ids (B, S) long; images (B, T_img, F, C, H, W) or None; or precomputed `latents`
         (B, T_img, n_latents, Dm) from `encode_images`. With a `cache`, media given on the first call are
         kept (as per-layer keys/values) for the following calls, and media_index continues across calls.
-        key_padding_mask / positions: left-padded rows, passed to the LM (module docstring)."""
+        key_padding_mask / positions: left-padded rows, passed to the LM; document_ids: packed rows, with
+        images / latents as the batch's flat list (module docstring)."""
         self._check_ids(input_ids)
         b = input_ids.shape[0]
         if images is not None and latents is not None:
             raise ValueError("pass images or latents, not both")
+        if document_ids is not None:  # packed: the flat media list is one row of N images for the checks below
+            images, latents = self._packed_media(input_ids, images, latents, media_index, cache)
         if images is not None:
-            self._check_images(images, input_ids)
+            self._check_images(images, None if document_ids is not None else input_ids)
         elif latents is not None:
-            self._check_latents(latents, input_ids)
+            self._check_latents(latents, None if document_ids is not None else input_ids)
         if labels is not None:
             self._check_labels(labels, input_ids)
         if media_index is not None:
@@ -237,22 +248,38 @@ class Flamingo(nn.Module):
             media_kv = cache.media_kv
 
         logits = self.lm(input_ids, cache=None if cache is None else cache.lm,
-                         before_block=self.xattn_before_block(media_index, latents, media_kv),
-                         key_padding_mask=key_padding_mask, positions=positions)
+                         before_block=self.xattn_before_block(media_index, latents, media_kv,
+                                                              packed=document_ids is not None),
+                         key_padding_mask=key_padding_mask, positions=positions, document_ids=document_ids)
         loss = None if labels is None else self.loss(logits, labels)
         return FlamingoOutput(logits=logits, loss=loss)
 
     def xattn_before_block(self, media_index: torch.Tensor, latents: Optional[torch.Tensor] = None,
-                           media_kv: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None) -> BeforeBlock:
+                           media_kv: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None,
+                           packed: bool = False) -> BeforeBlock:
         """The LM's `before_block` hook: xattn layer i on these media right before LM block i. Cached
-        `media_kv` wins over `latents`; with neither (no images) only the layers' gated FFW acts."""
+        `media_kv` wins over `latents`; with neither (no images) only the layers' gated FFW acts.
+
+        `packed`: latents are the batch's flat list (1, N, n, Dm) and media_index (B, S) indexes it. The layer
+        then runs on the batch as one row of B * S tokens, sorted by media index (stable): the media ops need
+        a non-decreasing index along a row, and a packed row is not (a document's text before its own first
+        image, -1, follows the previous document's images). Every other op of the layer is per token, so
+        sorting its input and unsorting its output is exact."""
+        order = None
+        if packed:
+            flat_index = media_index.reshape(-1)
+            order = torch.argsort(flat_index, stable=True)
+            media_index, unsort = flat_index[order][None], torch.argsort(order)
 
         def before_block(i: int, x: torch.Tensor) -> torch.Tensor:
             name = str(i)
             if name not in self.xattn_layers:
                 return x
             kv = None if media_kv is None else media_kv[name]
-            return self.xattn_layers[name](x, media_index, latents=latents, media_kv=kv)
+            if order is None:
+                return self.xattn_layers[name](x, media_index, latents=latents, media_kv=kv)
+            flat = x.reshape(-1, x.shape[-1])[order][None]
+            return self.xattn_layers[name](flat, media_index, latents=latents, media_kv=kv)[0][unsort].view(x.shape)
 
         return before_block
 
@@ -267,6 +294,31 @@ class Flamingo(nn.Module):
             reduction="sum",
         )
         return total / (targets != -100).sum().clamp(min=1)
+
+    def _packed_media(self, input_ids, images, latents, media_index, cache):
+        """Packed rows: checks, and the flat media list as one row, (1, N, ...), for the shared path."""
+        if cache is not None:
+            raise ValueError("document_ids (packed training rows) cannot be combined with a cache (generation)")
+        if media_index is None:
+            raise ValueError("packed rows (document_ids given) need media_index (B, S) into the flat image list")
+        if not self.cfg.xattn.only_immediate:
+            raise ValueError("packed rows need xattn.only_immediate=True: with 'all previous images' a token would "
+                             "also see the images of the documents packed before its own")
+        if images is not None:
+            if not torch.is_tensor(images) or images.dim() != 5:
+                got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+                raise ValueError(f"packed rows take images as the batch's flat list (N, F, C, H, W), got {got}")
+            if images.device != input_ids.device:
+                raise ValueError(f"images are on {images.device} but input_ids are on {input_ids.device}")
+            return (images[None] if images.shape[0] else None), None
+        if latents is not None:
+            if not torch.is_tensor(latents) or latents.dim() != 3:
+                got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
+                raise ValueError(f"packed rows take latents as the batch's flat list (N, n_latents, Dm), got {got}")
+            if latents.device != input_ids.device:
+                raise ValueError(f"latents are on {latents.device} but input_ids are on {input_ids.device}")
+            return None, latents[None]
+        return None, None
 
     # -- input checks -----------------------------------------------------------------------------------------
     def _check_ids(self, input_ids) -> None:
@@ -297,15 +349,14 @@ class Flamingo(nn.Module):
             if images.device != input_ids.device:
                 raise ValueError(f"images are on {images.device} but input_ids are on {input_ids.device}")
 
-    def _check_latents(self, latents, input_ids: torch.Tensor) -> None:
+    def _check_latents(self, latents, input_ids: Optional[torch.Tensor]) -> None:
         rc = self.cfg.resampler
         if not torch.is_tensor(latents) or not latents.is_floating_point():
             raise TypeError("latents must be a floating-point tensor (B, T_img, n_latents, Dm)")
-        if latents.dim() != 4 or latents.shape[2:] != (rc.n_latents, rc.dim) or latents.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"latents must be ({input_ids.shape[0]}, T_img, {rc.n_latents}, {rc.dim}), got {tuple(latents.shape)}"
-            )
-        if latents.device != input_ids.device:
+        rows = latents.shape[0] if input_ids is None else input_ids.shape[0]
+        if latents.dim() != 4 or latents.shape[2:] != (rc.n_latents, rc.dim) or latents.shape[0] != rows:
+            raise ValueError(f"latents must be ({rows}, T_img, {rc.n_latents}, {rc.dim}), got {tuple(latents.shape)}")
+        if input_ids is not None and latents.device != input_ids.device:
             raise ValueError(f"latents are on {latents.device} but input_ids are on {input_ids.device}")
 
     def _check_media_index(self, media_index, input_ids: torch.Tensor) -> None:

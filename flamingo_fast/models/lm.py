@@ -26,6 +26,10 @@ padding keys (True, as in torch.nn.MultiheadAttention), K = cached length + new 
 RoPE positions start at 0 at its first real token (or pass `positions`), so a row's result is the same as
 running it alone. Self-attention then runs SDPA with an explicit mask; without a mask (training
 right-pads, where causal masking suffices) it keeps the `ops.attention` path.
+
+Packed rows (training with sequence packing): `document_ids` (B, S), non-decreasing along each row, makes
+each token attend only to earlier tokens of its own document (`ops.attention(document_ids=...)`), and RoPE
+positions restart at 0 at every document's first token unless `positions` are passed.
 """
 
 from __future__ import annotations
@@ -125,6 +129,14 @@ def padding_attention_mask(key_padding_mask: torch.Tensor, num_queries: int) -> 
     return (mask | (key == query))[:, None]
 
 
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) ids of packed rows -> (B, S) RoPE positions restarting at 0 at each document's first token."""
+    index = torch.arange(document_ids.shape[1], device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
 def padded_positions(key_padding_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
     """(B, S) RoPE positions of the S newest tokens: each row counts only its real tokens, from 0."""
     count = (~key_padding_mask).long().cumsum(1)[:, -num_queries:]
@@ -141,9 +153,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """mask: None (causal) or (B, 1, S, K) bool from `padding_attention_mask`."""
+    def forward(self, x, cos, sin, cache: Optional[KVCache] = None, mask: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mask: None (causal) or (B, 1, S, K) bool from `padding_attention_mask`; document_ids: packed rows."""
         b, s, _ = x.shape
         q = apply_rope(self.q_proj(x).view(b, s, self.heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, s, self.kv_heads, self.head_dim), cos, sin)
@@ -151,7 +163,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         if mask is None:
-            out = attention(q, k, v, causal=True)
+            out = attention(q, k, v, causal=True, document_ids=document_ids)
         else:  # the ops take no arbitrary mask; padded batches are an inference-only case
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  attn_mask=mask, enable_gqa=self.heads != self.kv_heads).transpose(1, 2)
@@ -177,9 +189,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache: Optional[KVCache] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+    def forward(self, x, cos, sin, cache: Optional[KVCache] = None, mask: Optional[torch.Tensor] = None,
+                document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask, document_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -227,21 +239,27 @@ class LanguageModel(nn.Module):
         before_block: Optional[BeforeBlock] = None,
         key_padding_mask: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Embeddings (B, S, D) -> final-normed hidden states (B, S, D). key_padding_mask (B, cached + S)
-        and positions (S,) or (B, S): see the module docstring."""
+        """Embeddings (B, S, D) -> final-normed hidden states (B, S, D). key_padding_mask (B, cached + S),
+        positions (S,) or (B, S) and document_ids (B, S): see the module docstring."""
         b, s = x.shape[:2]
         start = 0 if cache is None else cache.length
         self._check_padding(b, s, start + s, key_padding_mask, positions, x.device)
+        if document_ids is not None:
+            self._check_documents(b, s, document_ids, cache, key_padding_mask, x.device)
         if positions is None:
-            positions = (torch.arange(start, start + s, device=x.device) if key_padding_mask is None
-                         else padded_positions(key_padding_mask, s))
+            if document_ids is not None:
+                positions = document_positions(document_ids)
+            else:
+                positions = (torch.arange(start, start + s, device=x.device) if key_padding_mask is None
+                             else padded_positions(key_padding_mask, s))
         mask = None if key_padding_mask is None else padding_attention_mask(key_padding_mask, s)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
             if before_block is not None:
                 x = before_block(i, x)
-            x = layer(x, cos, sin, cache, mask)
+            x = layer(x, cos, sin, cache, mask, document_ids)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.norm(x)
@@ -258,6 +276,18 @@ class LanguageModel(nn.Module):
             raise ValueError(f"positions must be an integer ({s},) or ({b}, {s}) tensor on {device}, got "
                              f"{positions.dtype} {tuple(positions.shape)} on {positions.device}")
 
+    @staticmethod
+    def _check_documents(b: int, s: int, document_ids, cache, key_padding_mask, device) -> None:
+        if not torch.is_tensor(document_ids) or document_ids.dtype not in (torch.int32, torch.int64):
+            got = document_ids.dtype if torch.is_tensor(document_ids) else type(document_ids).__name__
+            raise TypeError(f"document_ids must be an int32/int64 tensor ({b}, {s}), got {got}")
+        if document_ids.shape != (b, s) or document_ids.device != device:
+            raise ValueError(f"document_ids must be ({b}, {s}) on {device}, got {tuple(document_ids.shape)} on "
+                             f"{document_ids.device}")
+        if cache is not None or key_padding_mask is not None:
+            raise ValueError("document_ids (packed training rows) cannot be combined with a KV cache or "
+                             "key_padding_mask (generation)")
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.lm_head(h), self.special_head(h)], dim=-1)
 
@@ -269,9 +299,10 @@ class LanguageModel(nn.Module):
         before_block: Optional[BeforeBlock] = None,
         key_padding_mask: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """input_ids (B, S) long or inputs_embeds (B, S, D) -> logits (B, S, V + 2); key_padding_mask and
-        positions for left-padded rows (module docstring)."""
+        positions for left-padded rows, document_ids for packed rows (module docstring)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (B, S) and inputs_embeds (B, S, D)")
         if input_ids is not None:
@@ -285,4 +316,5 @@ class LanguageModel(nn.Module):
             raise ValueError(f"inputs_embeds must be (B, S, {self.cfg.dim}), got shape {tuple(inputs_embeds.shape)}")
         if cache is not None and cache.batch_size != inputs_embeds.shape[0]:
             raise ValueError(f"cache was made for batch size {cache.batch_size}, got a batch of {inputs_embeds.shape[0]}")
-        return self.logits(self.hidden_states(inputs_embeds, cache, before_block, key_padding_mask, positions))
+        return self.logits(self.hidden_states(inputs_embeds, cache, before_block, key_padding_mask, positions,
+                                              document_ids))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from flamingo_fast.ops.validation import check_document_order
+
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -83,6 +85,23 @@ def attention_fwd(q, k, v, causal: bool, scale: float):
 def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
     mask = causal_mask(q.shape[1], k.shape[1], q.device) if causal else None
     return _backward(dout, q, k, v, mask, scale)
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) ids -> (B, 1, S, S) bool: causal and within the same document (a run of equal ids; ids are
+    non-decreasing along a row, so equal ids are one run)."""
+    check_document_order(document_ids)
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    s = document_ids.shape[1]
+    return (same & causal_mask(s, s, document_ids.device))[:, None]
+
+
+def document_attention_fwd(q, k, v, document_ids, scale: float):
+    return _forward(q, k, v, document_mask(document_ids), scale)
+
+
+def document_attention_bwd(dout, q, k, v, out, lse, document_ids, scale: float):
+    return _backward(dout, q, k, v, document_mask(document_ids), scale)
 
 
 def media_cross_attention_fwd(q, k, v, media_index, latents_per_media: int, only_immediate: bool, scale: float):

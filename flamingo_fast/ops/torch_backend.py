@@ -2,6 +2,8 @@
 
 - attention / perceiver_attention: PyTorch's fused flash kernel on CPU (cpu_flash.py); elsewhere, or
   when USE_CPU_FLASH is False, blockwise matmul + softmax in query chunks (blockwise.py).
+- document_attention (packed rows): each document gathered into its own row, one dense causal call
+  (document_torch.py), so no cross-document pair is computed.
 - media_cross_attention: query blocks that each visit only their own image's keys (media_torch.py).
 All return (out, lse) forward and (dq, dk, dv) backward, contiguous, as the custom ops expect.
 """
@@ -10,12 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from flamingo_fast.ops import blockwise, cpu_flash
+from flamingo_fast.ops import blockwise, cpu_flash, document_torch
 from flamingo_fast.ops.media_torch import media_cross_attention_bwd, media_cross_attention_fwd
 
 __all__ = [
     "attention_bwd",
     "attention_fwd",
+    "document_attention_bwd",
+    "document_attention_fwd",
     "media_cross_attention_bwd",
     "media_cross_attention_fwd",
     "perceiver_attention_bwd",
@@ -48,6 +52,18 @@ def attention_bwd(dout, q, k, v, out, lse, causal: bool, scale: float):
     if _no_queries(q):
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     return _dense(q).backward(dout, q, k, v, out, lse, causal, scale)
+
+
+def document_attention_fwd(q, k, v, document_ids, scale: float):
+    if _no_queries(q):
+        return attention_fwd(q, k, v, True, scale)
+    return document_torch.forward(_dense(q), q, k, v, document_ids, scale)
+
+
+def document_attention_bwd(dout, q, k, v, out, lse, document_ids, scale: float):
+    if _no_queries(q):
+        return attention_bwd(dout, q, k, v, out, lse, True, scale)
+    return document_torch.backward(_dense(q), dout, q, k, v, out, lse, document_ids, scale)
 
 
 def perceiver_attention_fwd(q, k, v, scale: float):

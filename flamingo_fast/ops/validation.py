@@ -68,6 +68,28 @@ def check_attention(q, k, v, causal, scale) -> None:
     check_scale("attention", scale)
 
 
+def check_document_ids(q, k, causal, document_ids) -> None:
+    """Metadata only; the non-decreasing rule is checked where the ids are read (document_torch.py)."""
+    if not isinstance(document_ids, torch.Tensor):
+        raise TypeError(f"attention: document_ids must be a torch.Tensor, got {type(document_ids).__name__}")
+    if document_ids.dtype not in INDEX_DTYPES:
+        raise TypeError(f"attention: document_ids must be int32 or int64, got {document_ids.dtype}")
+    if _shape(document_ids) != _shape(q)[:2] or k.shape[1] != q.shape[1]:
+        raise ValueError(f"attention: document_ids must be (B, S) = {_shape(q)[:2]} for self-attention with as many "
+                         f"keys as queries; got document_ids {_shape(document_ids)}, {k.shape[1]} keys")
+    if document_ids.device != q.device:
+        raise ValueError(f"attention: document_ids is on {document_ids.device} but q is on {q.device}")
+    if not causal:
+        raise ValueError("attention: document_ids is supported with causal=True only (packed decoder rows)")
+
+
+def check_document_order(document_ids: torch.Tensor) -> None:
+    """Values (a device sync; the backends call it inside the op): documents are runs of non-decreasing ids."""
+    if document_ids.shape[1] > 1 and bool((document_ids[:, 1:] < document_ids[:, :-1]).any()):
+        raise ValueError("attention: document_ids must be non-decreasing along each row (documents are "
+                         "contiguous runs of one id)")
+
+
 def check_perceiver_attention(q, k, v, scale) -> None:
     check_qkv("perceiver_attention", q, k, v, same_heads=True)
     if k.shape[1] == 0:
