@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared check for a lent H200 (see /work/.library/device/README.md): build flamingo_fast._C there,
 # smoke-test each fused kernel in its own process (a hang is named, not fatal), run the GPU tests, time the
-# kernels against SDPA/cuDNN/FlexAttention/torch, time a training step, and run the demo's GPU path. Every
-# stage has its own limit and all of them fit a global DEADLINE (default 540 s), so the run ends inside one
-# device call; the short table printed last is the part to read first.
+# kernels against SDPA/cuDNN/FlexAttention/torch, time a training step and packed vs padded rows, and run the
+# demo's GPU path. Every stage has its own limit and all of them fit a global DEADLINE (default 540 s), so the
+# run ends inside one device call; the short table printed last is the part to read first.
 #
 # Run from the repository root on the device machine, carrying the wheels folder:
 #   device tool: run(command="bash bench/device_check.sh", carry=[".whl"], timeout_s=600)
@@ -13,7 +13,7 @@
 #   open_flamingo-2.0.1, einops_exts-0.0.4    (the OpenFlamingo parity tests and the train-step baseline)
 #   torchao-0.18.0 (optional)                 (the train step's compile+cuda+fp8 variant; without it: unavailable)
 # STAGES (default: all) picks stages by name, e.g. STAGES="build steps" after a call that ran the rest:
-#   build smoke tests kernels steps fp8 flex demo   (every stage after build needs it)
+#   build smoke tests kernels steps fp8 flex packing demo   (every stage after build needs it)
 # Files written under $OUT (at most 8 come back): run.log build.log pytest.log bench.log bench.json extras.log
 # summary.json fp8_numerics.json.
 set -uo pipefail
@@ -25,7 +25,7 @@ START=$(date +%s)
 DEADLINE=${DEADLINE:-540}
 export PYTHONUNBUFFERED=1
 SCRATCH=$(mktemp -d)
-STAGES=${STAGES:-build smoke tests kernels steps fp8 flex demo}
+STAGES=${STAGES:-build smoke tests kernels steps fp8 flex packing demo}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -128,6 +128,14 @@ if [ "$BUILD_RC" -eq 0 ] && want flex; then
   tail -12 "$OUT/bench.log"
 fi
 
+if [ "$BUILD_RC" -eq 0 ] && want packing; then
+  # Packed self-attention runs on the torch backend until the Hopper engine has a document mask (issue 18).
+  stage "bench: packing, useful tokens/s packed vs padded (limit $(limit 90) s)"
+  run_limited "$(limit 90)" "$PY" -m bench --device cuda --ops packing --json "$SCRATCH/bench_packing.json" \
+    >> "$OUT/bench.log" 2>&1
+  tail -8 "$OUT/bench.log"
+fi
+
 # 6. The demo's GPU path (FSDP + bf16 + fused kernels picked automatically), seconds-long.
 if [ "$BUILD_RC" -eq 0 ] && want demo; then
   stage "demo --quick on the GPU (limit $(limit 60) s)"
@@ -158,9 +166,9 @@ if (scratch / "pytest.xml").exists():
                        if case.find("failure") is not None or case.find("error") is not None][:20]
 summary["tests"] = tests
 
-# One bench.json from the three bench runs (the Flex run's own cuda rows repeat the first run's: dropped).
+# One bench.json from the bench runs (the Flex run's own cuda rows repeat the first run's: dropped).
 rows = []
-for name in ("bench_kernels.json", "bench_e2e.json", "bench_flex.json"):
+for name in ("bench_kernels.json", "bench_e2e.json", "bench_flex.json", "bench_packing.json"):
     try:
         part = json.loads((scratch / name).read_text())
     except (OSError, ValueError):

@@ -37,8 +37,8 @@ OP = "packing"
 MAX_LENGTH = 512
 # mixture -> (tokens low, high), (images low, high), documents (CPU, CUDA), documents per padded micro-batch
 MIXTURES = {
-    "pairs": ((10, 60), (1, 1), (256, 2048), 32),
-    "m3w": ((64, 512), (1, 5), (96, 256), 8),
+    "pairs": ((10, 60), (1, 1), (256, 512), 32),
+    "m3w": ((64, 512), (1, 5), (96, 96), 8),
 }
 LAYOUTS = ("padded", "longest", "packed")
 MODELS = {"demo": ("demo", {}), "3b-shape": ("3b", {"lm": {"layers": 8}})}
