@@ -9,6 +9,7 @@
 
 from flamingo_fast.data.captions import CaptionDataset, CaptionSource
 from flamingo_fast.data.collate import IGNORE_INDEX, Collator, EncodedSample
+from flamingo_fast.data.packing import Packer, collate_packed, cu_seqlens_from_document_ids
 from flamingo_fast.data.pipeline import (
     SOURCE_KINDS,
     DataLoader,
@@ -47,6 +48,7 @@ __all__ = [
     "IMAGE_TOKEN",
     "ImageTransform",
     "MapSource",
+    "Packer",
     "SOURCE_KINDS",
     "Sample",
     "ShapesDataset",
@@ -61,6 +63,8 @@ __all__ = [
     "build_loader",
     "build_word_tokenizer",
     "caption_text",
+    "collate_packed",
+    "cu_seqlens_from_document_ids",
     "decode_image",
     "expand_shards",
     "iter_samples",
