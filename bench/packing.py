@@ -22,15 +22,15 @@ layouts, and in `shape` the padding fraction of each layout. Model: the demo pre
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
-import time
 from typing import Callable
 
 import torch
 from torchdata.nodes import Batcher, IterableWrapper
 
-from bench.harness import Row, Settings
-from flamingo_fast.data.collate import IGNORE_INDEX, EncodedSample
+from bench.harness import Row, Settings, time_cpu
+from flamingo_fast.data.collate import IGNORE_INDEX, EncodedSample, pad_batch
 from flamingo_fast.data.packing import Packer, collate_packed
 
 OP = "packing"
@@ -67,25 +67,6 @@ def make_documents(mixture: str, count: int, cfg, seed: int) -> list[EncodedSamp
     return documents
 
 
-def padded_batch(documents: list[EncodedSample], seq_len: int | None, pad_id: int, image_token_id: int) -> dict:
-    """One document per row, right-padded to `seq_len` (None: the longest), images padded per row."""
-    rows = len(documents)
-    seq_len = seq_len or max(d.input_ids.numel() for d in documents)
-    most = max(d.images.shape[0] for d in documents)
-    input_ids = torch.full((rows, seq_len), pad_id, dtype=torch.long)
-    labels = torch.full((rows, seq_len), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros(rows, seq_len, dtype=torch.long)
-    images = torch.zeros(rows, most, *documents[0].images.shape[1:])
-    for row, document in enumerate(documents):
-        length = document.input_ids.numel()
-        input_ids[row, :length], labels[row, :length], attention_mask[row, :length] = (
-            document.input_ids, document.labels, 1)
-        images[row, : document.images.shape[0]] = document.images
-    media_index = torch.cumsum(input_ids == image_token_id, dim=1) - 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "media_index": media_index,
-            "images": images, "num_images": torch.tensor([d.images.shape[0] for d in documents])}
-
-
 def packed_batches(documents: list[EncodedSample], rows_per_batch: int, pad_id: int, image_token_id: int,
                    mixture: str) -> list[dict]:
     """The pipeline's own packing (Packer, default buffer) and collation over these documents."""
@@ -99,7 +80,7 @@ def batches_of(layout: str, documents: list[EncodedSample], per_batch: int, cfg,
     if layout == "packed":  # as many row tokens per micro-batch as the padded layout's
         return packed_batches(documents, per_batch, pad_id, cfg.image_token_id, mixture)
     seq_len = MAX_LENGTH if layout == "padded" else None
-    return [padded_batch(documents[i:i + per_batch], seq_len, pad_id, cfg.image_token_id)
+    return [pad_batch(documents[i:i + per_batch], pad_id, cfg.image_token_id, seq_len=seq_len)
             for i in range(0, len(documents), per_batch)]
 
 
@@ -128,29 +109,16 @@ def _runner(model, batches: list[dict], device: torch.device, dtype: torch.dtype
     return run
 
 
-def loss_sum(model, batches: list[dict], device: torch.device) -> float:
-    """The summed token loss over all micro-batches, float64 copy of the model (the layouts' common answer)."""
-    import copy
-
+def loss_sum(model64, batches: list[dict], device: torch.device) -> float:
+    """The summed token loss over all micro-batches on a float64 copy of the model (the layouts' common answer)."""
     from train.loss import micro_batch_loss_sum
 
-    model64 = copy.deepcopy(model).double()
     total = 0.0
     with torch.no_grad():
         for batch in batches:
             batch = {k: (v.double() if v.is_floating_point() else v).to(device) for k, v in batch.items()}
-            total += micro_batch_loss_sum(model64, batch, model.cfg.image_token_id, model.cfg.pad_token_id).item()
+            total += micro_batch_loss_sum(model64, batch, model64.cfg.image_token_id, model64.cfg.pad_token_id).item()
     return total
-
-
-def _time(run: Callable[[], None], repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 def bench_packing(settings: Settings, quick: bool, on_row: Callable[[Row], None] = lambda row: None) -> list[Row]:
@@ -168,6 +136,7 @@ def bench_packing(settings: Settings, quick: bool, on_row: Callable[[Row], None]
             cfg = cfg.replace(lm={"max_seq_len": MAX_LENGTH})
         model = build_model(cfg, settings.device, settings.seed)
         model.set_trainable("flamingo")
+        model64 = copy.deepcopy(model).double()
         for mixture in mixtures:
             cpu_count, gpu_count = MIXTURES[mixture][2]
             count = (gpu_count if settings.device.type == "cuda" else cpu_count) // (8 if quick else 1)
@@ -178,7 +147,7 @@ def bench_packing(settings: Settings, quick: bool, on_row: Callable[[Row], None]
             fractions = {layout: padding_fraction(b) for layout, b in layouts.items()}
             # The float64 check runs on a prefix (a few micro-batches' documents) to keep the bench short.
             check_docs = documents[: 2 * per_batch]
-            want = loss_sum(model, batches_of("padded", check_docs, per_batch, cfg, mixture), settings.device)
+            want = loss_sum(model64, batches_of("padded", check_docs, per_batch, cfg, mixture), settings.device)
             timed = {}
             for layout, batches in layouts.items():
                 row = Row(op=OP, case=f"{name} {mixture} x{count} docs, rows of {MAX_LENGTH}", impl=layout,
@@ -189,7 +158,7 @@ def bench_packing(settings: Settings, quick: bool, on_row: Callable[[Row], None]
                                  "micro_batches": len(batches), "rows": sum(b["input_ids"].shape[0] for b in batches),
                                  "padding_fraction": round(fractions[layout], 4),
                                  "padding_fraction_padded": round(fractions["padded"], 4)})
-                got = loss_sum(model, batches_of(layout, check_docs, per_batch, cfg, mixture), settings.device)
+                got = loss_sum(model64, batches_of(layout, check_docs, per_batch, cfg, mixture), settings.device)
                 row.rel_err, row.tolerance = abs(got - want) / abs(want), 1e-6
                 if row.rel_err > row.tolerance:
                     row.status, row.note = "wrong", f"summed float64 loss {got} != padded layout's {want}"
@@ -197,7 +166,9 @@ def bench_packing(settings: Settings, quick: bool, on_row: Callable[[Row], None]
                     on_row(row)
                     continue
                 dtype = settings.dtype if settings.device.type == "cuda" else torch.float32
-                row.ms = _time(_runner(model, batches, settings.device, dtype), repeats=1 if quick else 3)
+                repeats = 1 if quick else 3  # after one warm-up pass; each pass runs every micro-batch
+                row.ms = time_cpu(_runner(model, batches, settings.device, dtype), 0.0, min_reps=repeats,
+                                  max_reps=repeats)
                 row.tokens_per_s = useful / (row.ms / 1e3)
                 row.available, row.status, row.oracle = True, "ok", "tests/test_packing_equivalence.py (float64)"
                 timed[layout] = row

@@ -173,6 +173,7 @@ class Trainer:
             self.total_steps = cfg.train.steps
         self.schedule = build_schedule(cfg.optim, self.total_steps)
         self.loader = build_train_loader(cfg, self.tokenizer, self.image_size, self.info.rank, self.info.world_size)
+        self.source_names = self.loader.source_names  # a packed row's source_index points into this list
         self.checkpoints = CheckpointManager(self.out_dir / cfg.checkpoint.folder, cfg.checkpoint.keep_last,
                                              self.info.rank, self.info.world_size)
         self.step = 0
@@ -194,9 +195,7 @@ class Trainer:
         # FSDP averages gradients over ranks; multiplying by world_size turns that into the sum.
         scale = self.info.world_size / max(global_tokens, 1.0)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        # Source names in the loader's order (pipeline.make_source names a spec by its kind by default); the
-        # same length on every rank, as the all-reduce needs.
-        names = [spec.get("name", spec["kind"]) for spec in self.cfg.data.sources]
+        names = self.source_names  # the same on every rank, as the all-reduce needs
         packing = torch.zeros(2, max(len(names), 1), dtype=torch.float64, device=device)  # real, row tokens
         shape = None
         for batch in micro_batches:

@@ -35,7 +35,6 @@ from torch import nn
 from train.config import TrainConfig
 from train.gpu_profiles import GpuProfile
 
-MIB = 2**20
 GROWS_WITH_BATCH = ("Activation", "Temp", "Inputs")
 # What the Flamingo paper (Alayrac et al. 2022, training infrastructure) reports for the run a preset reproduces: the
 # 80B model trained on 1,536 TPUv4 chips for 15 days. It gives no such figure for the 3B and 9B models.
@@ -194,8 +193,7 @@ def _lazy_fsdp_chunks():
 @dataclass
 class StepTrace:
     memory_by_category: dict[str, int]
-    optimizer_state: int
-    sharded_bytes: dict[str, int]
+    sharded_bytes: dict[str, int]  # parameters / gradients / optimizer (AdamW state) of this rank
     traffic: TrafficPlan
 
 
@@ -213,9 +211,8 @@ def fake_batch(model: nn.Module, micro_batch: int, seq_len: int, images: int) ->
         ids[:, start] = cfg.image_token_id
         media_index[:, start:] = number
     size = cfg.vision.image_size
-    batch = {"input_ids": ids, "labels": ids.clone(), "media_index": media_index,
-             "images": torch.randn(micro_batch, images, 1, 3, size, size) if images else None}
-    return batch
+    return {"input_ids": ids, "labels": ids.clone(), "media_index": media_index,
+            "images": torch.randn(micro_batch, images, 1, 3, size, size)}
 
 
 def _model_config(cfg: TrainConfig):
@@ -265,7 +262,7 @@ def trace_step(cfg: TrainConfig, world_size: int, micro_batch: int, seq_len: int
             with CollectiveCounter() as counter:
                 step()
             tracker = FSDPMemTracker(model)
-            tracker.track_inputs(tuple(t for t in batch.values() if t is not None))
+            tracker.track_inputs(tuple(batch.values()))
             with tracker:
                 step()
             peak = tracker.get_tracker_snapshot("peak")
@@ -281,7 +278,7 @@ def trace_step(cfg: TrainConfig, world_size: int, micro_batch: int, seq_len: int
     gathers = [size for kind, size in counter.calls if kind == "all_gather"]
     traffic = TrafficPlan(totals["all_gather"], totals["reduce_scatter"], totals["all_reduce"],
                           gathers[0] if gathers else 0)
-    return StepTrace(by_category, sharded["optimizer"], sharded, traffic)
+    return StepTrace(by_category, sharded, traffic)
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
@@ -344,7 +341,7 @@ def make_plan(cfg: TrainConfig, world_size: int, gpu: GpuProfile, micro_batch: i
     accumulation = accumulation_steps(cfg.train.global_batch_tokens, world_size, micro_batch, seq_len)
     trace = trace_step(cfg, world_size, micro_batch, seq_len, images)
     host = cfg.data.prefetch * micro_batch * (seq_len * 8 * 3 + images * 3 * mcfg.vision.image_size**2 * 4)
-    memory = MemoryPlan(trace.memory_by_category, trace.optimizer_state, host)
+    memory = MemoryPlan(trace.memory_by_category, trace.sharded_bytes["optimizer"], host)
     # Activations, temporaries and inputs grow with the micro-batch, the rest does not.
     per_row = max(sum(trace.memory_by_category.get(k, 0) for k in GROWS_WITH_BATCH) / micro_batch, 1)
     largest = max(micro_batch + math.floor((gpu.hbm_bytes - memory.peak) / per_row), 0)

@@ -130,40 +130,51 @@ class Collator:
         )
 
     def collate(self, items: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
-        if len(items) == 0:
-            raise ValueError("cannot collate an empty batch")
-        batch_size = len(items)
-        seq_len = max(item.input_ids.numel() for item in items)
-        max_images = max(item.images.shape[0] for item in items)
-        frame_counts = {item.images.shape[1] for item in items if item.images.shape[0] > 0}
-        if len(frame_counts) > 1:
-            raise ValueError(f"all images in a batch must have the same frame count F, got {sorted(frame_counts)}")
-        num_frames = frame_counts.pop() if frame_counts else 1
-        channels, height, width = items[0].images.shape[2:]
-
-        input_ids = torch.full((batch_size, seq_len), self.tokenizer.pad_id, dtype=torch.long)
-        labels = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros(batch_size, seq_len, dtype=torch.long)
-        images = torch.zeros(batch_size, max_images, num_frames, channels, height, width)
-        num_images = torch.zeros(batch_size, dtype=torch.long)
-        for row, item in enumerate(items):
-            length = item.input_ids.numel()
-            span = slice(0, length) if self.padding_side == "right" else slice(seq_len - length, seq_len)
-            input_ids[row, span] = item.input_ids
-            labels[row, span] = item.labels
-            attention_mask[row, span] = 1
-            count = item.images.shape[0]
-            images[row, :count] = item.images
-            num_images[row] = count
-        media_index = torch.cumsum(input_ids == self.tokenizer.image_token_id, dim=1) - 1
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "media_index": media_index,
-            "images": images,
-            "num_images": num_images,
-        }
+        return pad_batch(items, self.tokenizer.pad_id, self.tokenizer.image_token_id, self.padding_side)
 
     def __call__(self, batch: Sequence[Sample | EncodedSample]) -> dict[str, torch.Tensor]:
         return self.collate([item if isinstance(item, EncodedSample) else self.encode(item) for item in batch])
+
+
+def pad_batch(items: Sequence[EncodedSample], pad_id: int, image_token_id: int, padding_side: str = "right",
+              seq_len: int | None = None) -> dict[str, torch.Tensor]:
+    """One sample per row, padded to `seq_len` (None: the longest row): the batch layout of the module
+    docstring. `Collator.collate` with its tokenizer's ids; also the padded baseline of bench/packing.py."""
+    if len(items) == 0:
+        raise ValueError("cannot collate an empty batch")
+    batch_size = len(items)
+    longest = max(item.input_ids.numel() for item in items)
+    if seq_len is None:
+        seq_len = longest
+    elif seq_len < longest:
+        raise ValueError(f"seq_len={seq_len} is shorter than the longest row ({longest} tokens)")
+    max_images = max(item.images.shape[0] for item in items)
+    frame_counts = {item.images.shape[1] for item in items if item.images.shape[0] > 0}
+    if len(frame_counts) > 1:
+        raise ValueError(f"all images in a batch must have the same frame count F, got {sorted(frame_counts)}")
+    num_frames = frame_counts.pop() if frame_counts else 1
+    channels, height, width = items[0].images.shape[2:]
+
+    input_ids = torch.full((batch_size, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    images = torch.zeros(batch_size, max_images, num_frames, channels, height, width)
+    num_images = torch.zeros(batch_size, dtype=torch.long)
+    for row, item in enumerate(items):
+        length = item.input_ids.numel()
+        span = slice(0, length) if padding_side == "right" else slice(seq_len - length, seq_len)
+        input_ids[row, span] = item.input_ids
+        labels[row, span] = item.labels
+        attention_mask[row, span] = 1
+        count = item.images.shape[0]
+        images[row, :count] = item.images
+        num_images[row] = count
+    media_index = torch.cumsum(input_ids == image_token_id, dim=1) - 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "media_index": media_index,
+        "images": images,
+        "num_images": num_images,
+    }

@@ -304,21 +304,18 @@ class Flamingo(nn.Module):
         if not self.cfg.xattn.only_immediate:
             raise ValueError("packed rows need xattn.only_immediate=True: with 'all previous images' a token would "
                              "also see the images of the documents packed before its own")
-        if images is not None:
-            if not torch.is_tensor(images) or images.dim() != 5:
-                got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-                raise ValueError(f"packed rows take images as the batch's flat list (N, F, C, H, W), got {got}")
-            if images.device != input_ids.device:
-                raise ValueError(f"images are on {images.device} but input_ids are on {input_ids.device}")
+        for name, media, dims, shape in (("images", images, 5, "(N, F, C, H, W)"),
+                                         ("latents", latents, 3, "(N, n_latents, Dm)")):
+            if media is None:
+                continue
+            if not torch.is_tensor(media) or media.dim() != dims:
+                got = tuple(media.shape) if torch.is_tensor(media) else type(media).__name__
+                raise ValueError(f"packed rows take {name} as the batch's flat list {shape}, got {got}")
+            if media.device != input_ids.device:
+                raise ValueError(f"{name} are on {media.device} but input_ids are on {input_ids.device}")
+        if images is not None:  # no image in the whole batch: as without images
             return (images[None] if images.shape[0] else None), None
-        if latents is not None:
-            if not torch.is_tensor(latents) or latents.dim() != 3:
-                got = tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
-                raise ValueError(f"packed rows take latents as the batch's flat list (N, n_latents, Dm), got {got}")
-            if latents.device != input_ids.device:
-                raise ValueError(f"latents are on {latents.device} but input_ids are on {input_ids.device}")
-            return None, latents[None]
-        return None, None
+        return None, (None if latents is None else latents[None])
 
     # -- input checks -----------------------------------------------------------------------------------------
     def _check_ids(self, input_ids) -> None:
