@@ -29,7 +29,8 @@ E2E_OP = "train_step"
 GENERATE_OP = "generate"
 DATA_OP = "data"
 PACKING_OP = "packing"
-ALL_OPS = OPS + (E2E_OP, GENERATE_OP, DATA_OP, PACKING_OP)
+MLLAMA_OP = "mllama"
+ALL_OPS = OPS + (E2E_OP, GENERATE_OP, DATA_OP, PACKING_OP, MLLAMA_OP)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -49,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ops", nargs="+", choices=ALL_OPS, default=list(ALL_OPS),
                         help="ops to run (train_step = the end-to-end training step; generate = greedy decoding "
                              "with the media K/V cached vs recomputed every step, as OpenFlamingo does; data = "
-                             "WebDataset samples/s per decode worker; packing = useful tokens/s of packed vs padded rows)")
+                             "WebDataset samples/s per decode worker; packing = useful tokens/s of packed vs padded "
+                             "rows; mllama = Llama 3.2 Vision cross-attention (image ranges, ragged tiles) against "
+                             "transformers' dense-mask SDPA and FlexAttention)")
     parser.add_argument("--impls", nargs="+", choices=IMPL_NAMES, default=None,
                         help="implementations of the attention ops to run (default: all); generate uses torch")
     parser.add_argument("--variants", nargs="+", choices=E2E_VARIANTS, default=None,
@@ -175,9 +178,13 @@ def _run(args, device: torch.device, dtype: torch.dtype, argv) -> int:
         from bench.packing import bench_packing
 
         rows += bench_packing(settings, args.quick, on_row=progress)
+    if MLLAMA_OP in args.ops:
+        from bench.mllama_xattn import bench_mllama
+
+        rows += bench_mllama(settings, args.quick, peaks, tuple(args.directions), on_row=progress)
     fill_best_peer(rows)
 
-    note = f"  ({case_note})" if case_note else ""
+    note = f"  ({case_note})" if case_note and cases else ""
     report.print_tables(rows, out, peaks, title_note=note)
     targets = report.media_targets(rows)
     report.print_targets(targets, out)

@@ -10,6 +10,7 @@ import bench
 from bench.cases import OPS
 from bench.e2e import VARIANTS as E2E_VARIANTS
 from bench.impls import IMPL_NAMES
+from bench.mllama_xattn import IMPLS as MLLAMA_IMPLS
 from bench.packing import LAYOUTS as PACKING_LAYOUTS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,8 @@ def test_quick_json_schema(quick_run):
         for name, kind in PUBLIC_FIELDS.items():
             assert name in row, name
             assert isinstance(row[name], kind), (name, row[name])
-        names = {"train_step": E2E_VARIANTS, "data": ("workers=0",), "packing": PACKING_LAYOUTS}.get(row["op"], IMPL_NAMES)
+        names = {"train_step": E2E_VARIANTS, "data": ("workers=0",), "packing": PACKING_LAYOUTS,
+                 "mllama": MLLAMA_IMPLS}.get(row["op"], IMPL_NAMES)
         assert row["impl"] in names, row
         assert row["direction"] in ("fwd", "fwd+bwd")
         if row["ms"] is not None:  # timed rows passed the correctness gate and carry their rates

@@ -107,12 +107,32 @@ def test_llama_shape_mismatch_and_unsupported_config(tmp_path, llama_folder):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="RoPE scaling 'llama3'"):
+    with pytest.raises(ValueError, match="'llama3' RoPE scaling needs 'low_freq_factor'"):
+        llama_config(tmp_path)
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="RoPE scaling 'yarn' is not supported"):
         llama_config(tmp_path)
     cfg["model_type"] = "gpt2"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="not a Llama-family"):
         llama_config(tmp_path)
+
+
+def test_llama3_rope_scaling_matches_hf(tmp_path):
+    """Llama 3.1's "llama3" RoPE frequencies (Llama 3.2 Vision's text model uses them)."""
+    model = _hf_llama()
+    model.config.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 16}
+    hf = transformers.LlamaForCausalLM(model.config).eval()
+    hf.load_state_dict(model.state_dict())
+    hf.save_pretrained(tmp_path)
+    lm = from_hf_llama(tmp_path)
+    assert lm.cfg.rope_llama3 == (8.0, 1.0, 4.0, 16)
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))  # past 16 positions
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids)[..., :VOCAB], hf(ids).logits, atol=1e-4, rtol=0)
 
 
 # -- CLIP -------------------------------------------------------------------------------------------------------

@@ -234,7 +234,7 @@ def test_cached_decoding_matches_full_forward():
         for t in range(4, ids.shape[1]):
             steps.append(model(ids[:, t : t + 1], cache=cache).logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
-    assert cache.length == ids.shape[1] and cache.media_count.tolist() == [2, 2]
+    assert cache.length == ids.shape[1] and cache.media_state.tolist() == [2, 2]
     assert set(cache.media_kv) == set(model.xattn_layers)
     with pytest.raises(ValueError, match="first call"), torch.no_grad():
         model(ids[:, :1], imgs, cache=cache)  # media were given to this cache already

@@ -8,12 +8,7 @@ from flamingo_fast import ops
 OPS = torch.ops.flamingo_fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randn(*shape, seed, requires_grad=True):

@@ -155,7 +155,7 @@ def test_finetune_mode_runs_epochs_with_eval_after_each(tmp_path):
 
 
 def test_cache_free_evaluation_for_sharded_models_equals_the_cached_one(tmp_path):
-    from train.data import eval_collator, eval_samples
+    from train.data import eval_samples
     from train.evaluate import evaluate
 
     trainer = Trainer(tiny(tmp_path))
@@ -167,7 +167,7 @@ def test_cache_free_evaluation_for_sharded_models_equals_the_cached_one(tmp_path
                 noise = torch.randn(p.shape, generator=g)
                 p.copy_(2 * noise / p.shape[-1] ** 0.5 if p.dim() > 1 else 1 + 0.2 * noise)
     samples = eval_samples(trainer.cfg.eval.sources, trainer.image_size)[::3]  # captions and questions
-    collator = eval_collator(trainer.tokenizer, trainer.image_size)
+    collator = trainer.collator
     cached = evaluate(model, samples, collator, batch_size=3, max_new_tokens=5)
     free = evaluate(model, samples, collator, batch_size=3, max_new_tokens=5, use_cache=False)
     assert cached.examples == free.examples and cached.metrics() == free.metrics()

@@ -234,7 +234,7 @@ def test_rng_state_round_trip_through_json():
 def test_flop_counter_charges_trainable_6_frozen_4_vision_2():
     model = tiny_model()
     counter = FlopCounter(model)
-    assert counter.vision_rate == 2 and counter.resampler_rate == 6 and counter.xattn_rate == 6
+    assert counter.vision_rate == 2 and counter.connector_rate == 6 and counter.xattn_rate == 6
     assert counter.lm_block_rate == 4
     text_only = BatchShape(text_tokens=10, text_tokens_sq=100, media_tokens=0, frames=0, media_items=0)
     lm = model.cfg.lm

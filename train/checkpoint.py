@@ -32,6 +32,7 @@ proves the resume exact.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -216,11 +217,51 @@ def _optimizer_template(model: nn.Module, optimizer: torch.optim.Optimizer) -> d
     return get_optimizer_state_dict(model, optimizer)
 
 
+def is_hf_mllama_folder(path: str | Path) -> bool:
+    """A transformers Llama 3.2 Vision folder: a config.json with model_type "mllama"."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("model_type") == "mllama"
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        return False
+
+
+def _check_same_architecture(configured, folder_cfg, folder: Path) -> None:
+    """The configured model must be the folder's: its sizes, and the RoPE / norm settings no tensor shape shows.
+    lm.max_seq_len (only the default KV-cache length) may differ."""
+    differences = [f"connector: configured {configured.connector!r}, folder {folder_cfg.connector!r}"] \
+        if configured.connector != folder_cfg.connector else []
+    for part in ("vision", "xattn", "lm"):
+        ours, theirs = dataclasses.asdict(getattr(configured, part)), dataclasses.asdict(getattr(folder_cfg, part))
+        differences += [f"{part}.{key}: configured {ours[key]!r}, folder {theirs[key]!r}" for key in ours
+                        if ours[key] != theirs[key] and key != "max_seq_len"]
+    if differences:
+        raise ValueError(f"model.init_from {folder} is a different model than model.preset / model.overrides "
+                         f"configure: " + "; ".join(differences))
+
+
+def _load_hf_mllama(model: nn.Module, folder: Path) -> list[str]:
+    """Llama 3.2 Vision weights from a transformers folder, read by flamingo_fast.convert.from_hf_mllama. With a
+    process group, rank 0 alone reads the whole model into host memory (bf16: 21 GB for 11B, 177 GB for 90B) and
+    the state-dict loading broadcasts it tensor by tensor into every rank's shards."""
+    from flamingo_fast.convert import from_hf_mllama, mllama_config
+
+    _check_same_architecture(model.cfg, mllama_config(folder), folder)
+    distributed = dist.is_available() and dist.is_initialized()
+    full = from_hf_mllama(folder).state_dict() if not distributed or dist.get_rank() == 0 else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed))
+    return []
+
+
 def load_model_weights(model: nn.Module, path: str | Path) -> list[str]:
-    """Load weights into `model` (sharded or not) from a trainer checkpoint folder (its model part) or a
-    .safetensors file. Keys missing from the file keep their current values; returns the missing keys.
-    Unknown keys raise ValueError."""
+    """Load weights into `model` (sharded or not) from a trainer checkpoint folder (its model part), a
+    .safetensors file, or a transformers Llama 3.2 Vision folder (every weight; `is_hf_mllama_folder`). Keys
+    missing from the file keep their current values; returns the missing keys. Unknown keys raise ValueError."""
     path = Path(path)
+    if is_hf_mllama_folder(path):
+        return _load_hf_mllama(model, path)
     if path.is_dir() and (path / ".metadata").is_file():
         state = {"model": get_model_state_dict(model)}
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -245,7 +286,8 @@ def load_model_weights(model: nn.Module, path: str | Path) -> list[str]:
         missing = sorted(set(own) - set(full))  # before set_model_state_dict, which may fill `full` in
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
         return missing
-    raise ValueError(f"init weights {path} must be a trainer checkpoint folder (with .metadata) or a .safetensors file")
+    raise ValueError(f"init weights {path} must be a trainer checkpoint folder (with .metadata), a .safetensors file "
+                     "or a transformers Llama 3.2 Vision folder (config.json with model_type 'mllama')")
 
 
 def export_pretrained(model: nn.Module, tokenizer: Tokenizer, folder: str | Path) -> None:

@@ -36,7 +36,9 @@ class ModelSection:
     # Passed to FlamingoConfig.from_preset(preset, **overrides), e.g. {vision = {image_size = 32}}.
     overrides: dict = field(default_factory=dict)
     trainable: str = "flamingo"  # Flamingo.set_trainable mode
-    # Weights to start from: a trainer checkpoint folder (DCP, model part only) or a .safetensors file.
+    # Weights to start from: a trainer checkpoint folder (DCP, model part only), a .safetensors file, or a
+    # transformers Llama 3.2 Vision folder (config.json with model_type "mllama"; its architecture must be the
+    # configured model's: train/checkpoint.py).
     init_from: str = ""
     # "cpu"/"cuda": build with real weights then shard; "meta": build on meta, shard, then materialise
     # shard by shard (large presets). Default: "meta" for presets other than demo.
@@ -55,7 +57,8 @@ class DataSection:
     prefetch: int = 2  # batches prepared ahead in a background thread (0: none)
     max_consecutive_skips: int = 1000  # broken records in a row that stop the run (unreadable data, not noise)
     # Pack whole samples into rows of exactly max_length tokens, one source per row (flamingo_fast/data/packing.py);
-    # false: one sample per row, padded. Evaluation is never packed.
+    # false: one sample per row, padded. Evaluation is never packed. Llama 3.2 Vision (the mllama presets) needs
+    # false: its image groups are not defined across packed documents.
     packing: bool = True
     packing_buffer: int = 32  # samples buffered per source for packing (fuller rows vs. longer replay on resume)
 
@@ -147,7 +150,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         try:  # the model config checks its own fields: a bad preset or size fails here, not after minutes of setup
-            FlamingoConfig.from_preset(self.model.preset, **self.model.overrides)
+            model_cfg = FlamingoConfig.from_preset(self.model.preset, **self.model.overrides)
         except (ValueError, TypeError) as error:
             raise ValueError(f"model.preset / model.overrides: {error}") from None
         if self.model.trainable not in TRAINABLE_MODES:
@@ -184,6 +187,11 @@ class TrainConfig:
         }
         if not isinstance(self.data.packing, bool):
             raise ValueError(f"data.packing must be true or false, got {self.data.packing!r}")
+        if self.data.packing and model_cfg.xattn.media_span != "index":
+            raise ValueError(f"data.packing = true puts several documents in a row, which model.preset "
+                             f"{self.model.preset!r} cannot train on (xattn.media_span = "
+                             f"{model_cfg.xattn.media_span!r}: Llama 3.2 Vision's image groups); "
+                             "set data.packing = false")
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -1,4 +1,5 @@
-"""The trainer's view of flamingo_fast.data: tokenizer, the per-rank training pipeline, held-out samples."""
+"""The trainer's view of flamingo_fast.data: tokenizer, the model's collator, the per-rank training pipeline,
+held-out samples."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from flamingo_fast.data.pipeline import DataLoader, build_loader, make_source
 from flamingo_fast.data.sample import Sample
 from flamingo_fast.data.shapes import shapes_tokenizer
 from flamingo_fast.data.source import MapSource, iter_samples
+from flamingo_fast.data.tiling import transform_for
 from flamingo_fast.data.tokenizer import Tokenizer, load_tokenizer
+from flamingo_fast.models.config import FlamingoConfig
 
 from train.config import DataSection, TrainConfig
 
@@ -20,13 +23,23 @@ def build_tokenizer(cfg: DataSection) -> Tokenizer:
     return shapes_tokenizer() if cfg.tokenizer == "shapes" else load_tokenizer(cfg.tokenizer)
 
 
-def build_train_loader(cfg: TrainConfig, tokenizer: Tokenizer, image_size: int, rank: int, world_size: int) -> DataLoader:
+def model_collator(model_cfg: FlamingoConfig, tokenizer: Tokenizer, max_length: int | None = None) -> Collator:
+    """The Collator a model needs: its vision encoder's image transform (tiles and aspect ratio ids for Llama 3.2
+    Vision), and answers ending in eos for a model that cannot predict `<|endofchunk|>` (input-only special
+    tokens, LMConfig.special_logits=False)."""
+    return Collator(tokenizer, transform=transform_for(model_cfg.vision), max_length=max_length,
+                    eoc_as_eos=not model_cfg.lm.special_logits)
+
+
+def build_train_loader(cfg: TrainConfig, tokenizer: Tokenizer, image_size: int, rank: int, world_size: int,
+                       collator: Collator | None = None) -> DataLoader:
+    """collator: `model_collator(...)` for the trained model (None: CLIP-normalised images at image_size)."""
     data = cfg.data
     return build_loader(
         data.sources, tokenizer, data.micro_batch_size, image_size, rank=rank, world_size=world_size,
         seed=cfg.train.seed, num_workers=data.num_workers, prefetch_factor=data.prefetch, max_length=data.max_length,
         cycle=True, drop_last=True, max_consecutive_skips=data.max_consecutive_skips,
-        packing=data.packing, packing_buffer=data.packing_buffer,
+        packing=data.packing, packing_buffer=data.packing_buffer, collator=collator,
     )
 
 
@@ -58,7 +71,3 @@ def eval_samples(specs: list[dict[str, Any]], image_size: int) -> list[Sample]:
             source.shuffle = False  # evaluation reads in a fixed order
         samples.extend(iter_samples(source))
     return samples
-
-
-def eval_collator(tokenizer: Tokenizer, image_size: int) -> Collator:
-    return Collator(tokenizer, image_size)

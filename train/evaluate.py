@@ -17,10 +17,11 @@ ranks repeat a batch and drop its output; decoding continues until every rank is
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from flamingo_fast.data.collate import Collator
 from flamingo_fast.data.sample import Sample
@@ -84,25 +85,34 @@ def score_example(sample: Sample, text: str) -> dict[str, Any]:
     return example
 
 
+def _reshard(model: torch.nn.Module) -> None:
+    """FSDP2 keeps the root's parameters gathered after a forward that no backward follows (the root has
+    reshard_after_forward=False, train/parallel.py): free them, so the model's parameters are the sharded ones
+    the optimizer holds again (else the next checkpoint cannot map its optimizer state to parameter names)."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 @torch.no_grad()
-def greedy_generate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
+def greedy_generate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]],
                     tokenizer: Tokenizer, max_new_tokens: int, device: torch.device) -> list[list[list[int]]]:
     """Cache-free greedy decoding in step with the other ranks (module docstring): for each left-padded
-    (input_ids (B, L), attention_mask (B, L), images or None) batch, the generated ids per row without the
-    stop token. Every rank must call this with the same number of batches."""
+    (input_ids (B, L), attention_mask (B, L), media keyword arguments: `prompt_batch`'s) batch, the generated
+    ids per row without the stop token. Every rank must call this with the same number of batches."""
     stops = [tokenizer.eoc_token_id, tokenizer.eos_id]
     never = [tokenizer.image_token_id, *never_generated(tokenizer, stops)]
     stop_ids = torch.tensor(stops, device=device)
     results = []
-    for input_ids, attention_mask, images in batches:
+    for input_ids, attention_mask, media in batches:
         ids, padding = input_ids.to(device), ~attention_mask.to(device).bool()
-        images = None if images is None else images.to(device)
+        media = {name: x.to(device) for name, x in media.items()}
         padded = bool(padding.any())  # else the LM's fused causal path
         generated = []
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         while True:
-            logits = model(ids, images, key_padding_mask=padding if padded else None).logits[:, -1]
-            logits[:, never] = float("-inf")
+            logits = model(ids, **media, key_padding_mask=padding if padded else None).logits[:, -1]
+            logits[:, [i for i in never if i < logits.shape[-1]]] = float("-inf")  # input-only tokens have no logit
             token = torch.where(done, tokenizer.pad_id, logits.argmax(dim=-1))
             generated.append(token)
             done |= torch.isin(token, stop_ids)
@@ -143,6 +153,7 @@ def evaluate(model: torch.nn.Module, samples: Sequence[Sample], collator: Collat
             texts = [[tok.decode(ids) for ids in rows] for rows in outputs]
     finally:
         model.train(was_training)
+        _reshard(model)
 
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # caption hits, captions, vqa score, questions
     by_type: dict[str, tuple[float, int]] = {}  # question type -> (score sum, count)

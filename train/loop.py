@@ -38,14 +38,14 @@ from flamingo_fast.models.flamingo import Flamingo
 from train.checkpoint import (CheckpointManager, CorruptCheckpointError, export_pretrained, load_model_weights,
                               rng_state, set_rng_state)
 from train.config import TrainConfig, to_toml
-from train.data import build_tokenizer, build_train_loader, eval_collator, eval_samples, steps_per_epoch
+from train.data import build_tokenizer, build_train_loader, eval_samples, model_collator, steps_per_epoch
 from train.evaluate import EvalResult, evaluate
 from train.loss import count_label_tokens, micro_batch_loss_sum
 from train.metrics import BatchShape, FlopCounter, MetricsLogger, device_peak_flops, memory_stats
 from train.optim import accumulation_steps, build_optimizer, build_schedule
 from train.parallel import DistInfo, compute_dtype, init_distributed, parallelize
 
-LARGE_PRESETS = ("3b", "9b", "xl")
+LARGE_PRESETS = ("3b", "9b", "xl", "mllama-11b", "mllama-90b")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -172,7 +172,10 @@ class Trainer:
             self.steps_per_epoch = 0
             self.total_steps = cfg.train.steps
         self.schedule = build_schedule(cfg.optim, self.total_steps)
-        self.loader = build_train_loader(cfg, self.tokenizer, self.image_size, self.info.rank, self.info.world_size)
+        # The model's image transform (tiles for Llama 3.2 Vision), for training and evaluation.
+        self.collator = model_collator(self.model_cfg, self.tokenizer, cfg.data.max_length)
+        self.loader = build_train_loader(cfg, self.tokenizer, self.image_size, self.info.rank, self.info.world_size,
+                                         self.collator)
         self.source_names = self.loader.source_names  # a packed row's source_index points into this list
         self.checkpoints = CheckpointManager(self.out_dir / cfg.checkpoint.folder, cfg.checkpoint.keep_last,
                                              self.info.rank, self.info.world_size)
@@ -206,7 +209,8 @@ class Trainer:
             loss = micro_batch_loss_sum(self.model, batch, cfg.image_token_id, cfg.pad_token_id)
             (loss * scale).backward()
             loss_sum += loss.detach().double()
-            shape = BatchShape.from_batch(batch) if shape is None else shape + BatchShape.from_batch(batch)
+            batch_shape = BatchShape.from_batch(batch, self.flop_counter.tiles_of)
+            shape = batch_shape if shape is None else shape + batch_shape
         totals = torch.cat([loss_sum[None], torch.tensor([float(shape.text_tokens), self.flop_counter.flops(shape)],
                                                          dtype=torch.float64, device=device), packing.flatten()])
         totals = _all_reduce_sum(totals).tolist()
@@ -291,7 +295,7 @@ class Trainer:
     def evaluate(self) -> EvalResult:
         if self._eval_samples is None:
             self._eval_samples = eval_samples(self.cfg.eval.sources, self.image_size)
-        return evaluate(self.model, self._eval_samples, eval_collator(self.tokenizer, self.image_size),
+        return evaluate(self.model, self._eval_samples, self.collator,
                         batch_size=self.cfg.eval.batch_size, max_new_tokens=self.cfg.eval.max_new_tokens,
                         device=self.info.device, use_cache=not self.sharded)
 

@@ -45,11 +45,19 @@ def micro_batch_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     """The trainer's forward of one micro-batch: its summed token loss. The logits go out of scope before the
     caller's backward (cross-entropy saves its own copy), so they are not live at the backward's peak; the
     planner traces this same function, so its memory model holds for what the trainer runs. Packed batches
-    (flamingo_fast.data.packing: document_ids, positions, a flat image list) go through as such."""
+    (flamingo_fast.data.packing: document_ids, positions, a flat image list) go through as such; batches of
+    tiled images (Llama 3.2 Vision) pass their aspect_ratio_ids, and no media_index: that model finds its
+    images' spans from the `<image>` tokens itself."""
     packed = "document_ids" in batch
     images = batch.get("images")
     if images is not None and images.shape[0 if packed else 1] == 0:  # no image in the whole batch / any row
         images = None
-    extra = {"document_ids": batch["document_ids"], "positions": batch["positions"]} if packed else {}
-    logits = model(batch["input_ids"], images, media_index=batch["media_index"], **extra).logits
+    if "aspect_ratio_ids" in batch:
+        extra = {"aspect_ratio_ids": batch["aspect_ratio_ids"]} if images is not None else {}
+    elif packed:
+        extra = {"media_index": batch["media_index"], "document_ids": batch["document_ids"],
+                 "positions": batch["positions"]}
+    else:
+        extra = {"media_index": batch["media_index"]}
+    logits = model(batch["input_ids"], images, **extra).logits
     return token_loss_sum(logits, batch["labels"], image_token_id, pad_token_id)

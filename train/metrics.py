@@ -13,6 +13,11 @@ FLOPs (matmuls and attention; embeddings lookups, norms and elementwise ops are 
   for the positions of their own output grid: a full-resolution stem conv sees every pixel), the resampler's
   key/value projections for (patches + latents), its queries/FFW for latents, xattn to_kv for the
   latents of the batch's images, everything else for text tokens.
+- Llama 3.2 Vision (tiled encoder + projector): one encoder pass per image over all max_tiles tiles as one
+  sequence (padding tiles are computed too; each tile's tokens_per_tile tokens padded to a multiple of 8, as
+  the encoder runs them), through the local and the global layers; the projector and the xattn to_kv see
+  max_tiles x tokens_per_tile tokens per image; a text token's cross-attention is charged for the valid keys
+  of its latest image, real tiles x tokens_per_tile (a group of consecutive images: its last image only).
 MFU = achieved model FLOP/s / peak FLOP/s of the devices (bf16 dense peak for known GPUs; on CPU an
 estimate of threads x 2.5 GHz x 32 fp32 FLOP/cycle (AVX2 FMA), so treat CPU MFU as indicative).
 """
@@ -25,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -77,10 +82,15 @@ class BatchShape:
     media_tokens: int  # text tokens that see an image (media_index >= 0)
     frames: int  # images x frames actually present
     media_items: int  # images present (each gives n_latents latents)
+    # Tiled images (batches with aspect_ratio_ids: Llama 3.2 Vision): real tiles of the images present, and over
+    # the text tokens that see an image, the real tiles of the image each one sees.
+    tiles: int = 0
+    media_token_tiles: int = 0
 
     @classmethod
-    def from_batch(cls, batch: dict[str, torch.Tensor]) -> "BatchShape":
-        """Padded rows (one document per row) or packed rows (document_ids; images the batch's flat list)."""
+    def from_batch(cls, batch: dict[str, torch.Tensor], tiles_of: Sequence[int] | None = None) -> "BatchShape":
+        """Padded rows (one document per row) or packed rows (document_ids; images the batch's flat list).
+        tiles_of: real tiles of each aspect ratio id (`FlopCounter.tiles_of`), for tiled images."""
         lengths = batch["attention_mask"].sum(dim=1) if "attention_mask" in batch else \
             torch.full((batch["input_ids"].shape[0],), batch["input_ids"].shape[1])
         media = batch.get("media_index")
@@ -102,7 +112,13 @@ class BatchShape:
             squares = int((torch.bincount(keys) ** 2).sum())
         else:
             squares = int((lengths.long() ** 2).sum())
-        return cls(int(lengths.sum()), squares, media_tokens, items * frames_per, items)
+        tiles = media_token_tiles = 0
+        ratios = batch.get("aspect_ratio_ids")
+        if tiles_of is not None and ratios is not None and ratios.shape[1] > 0:  # (tiled rows are never packed)
+            num_tiles = torch.as_tensor(tiles_of, device=ratios.device)[ratios]  # (B, T)
+            seen = torch.gather(num_tiles, 1, media.clamp(min=0)) * ((media >= 0) & real)
+            tiles, media_token_tiles = int(num_tiles.sum()), int(seen.sum())
+        return cls(int(lengths.sum()), squares, media_tokens, items * frames_per, items, tiles, media_token_tiles)
 
     def __add__(self, other: "BatchShape") -> "BatchShape":
         return BatchShape(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
@@ -114,6 +130,7 @@ class FlopCounter:
     def __init__(self, model: torch.nn.Module):
         cfg = model.cfg
         self.cfg = cfg
+        v = cfg.vision
 
         def rate(module: torch.nn.Module, needs_input_grad: bool = True) -> int:
             # FLOPs per token per parameter for this module's weights.
@@ -123,19 +140,36 @@ class FlopCounter:
 
         vision_upstream_trainable = _trainable(model.vision)
         self.vision_rate = rate(model.vision, needs_input_grad=vision_upstream_trainable)
-        self.vision_block_params = _linear_params(model.vision.encoder)
-        self.embedding_macs = _embedding_macs(model.vision.embeddings, cfg.vision.image_size)
-        self.vision_tokens = cfg.vision.num_patches + int(cfg.vision.class_token)
-        self.vision_features = cfg.vision.num_features
+        # One encoder pass: an image (tiled: every tile in one sequence) or a frame (CLIP).
+        self.tiled = v.kind == "tiled"
+        # Real tiles of each aspect ratio id (0: a padding image), for BatchShape.from_batch; None: untiled.
+        self.tiles_of = [0] + [rows * cols for rows, cols in v.aspect_ratios] if self.tiled else None
+        if self.tiled:
+            encoders = (model.vision.transformer, model.vision.global_transformer)
+            self.vision_block_params = sum(_linear_params(encoder) for encoder in encoders)
+            self.vision_layers = v.layers + v.global_layers
+            self.vision_tokens = v.max_tiles * (v.tokens_per_tile + (-v.tokens_per_tile) % 8)
+            self.embedding_macs = v.max_tiles * _embedding_macs(model.vision.patch_embedding, v.image_size)
+            self.features_per_pass = v.max_tiles * v.tokens_per_tile
+        else:
+            self.vision_block_params = _linear_params(model.vision.encoder)
+            self.vision_layers = v.layers
+            self.vision_tokens = v.num_patches + int(v.class_token)
+            self.embedding_macs = _embedding_macs(model.vision.embeddings, v.image_size)
+            self.features_per_pass = v.num_features
 
         rs = model.resampler
-        self.resampler_rate = rate(rs, needs_input_grad=vision_upstream_trainable)
-        self.media_proj_params = _linear_params(rs.media_proj)
-        self.resampler_q_out_ffw = sum(_linear_params(layer.attn.to_q) + _linear_params(layer.attn.to_out)
-                                       + _linear_params(layer.ffw) for layer in rs.layers)
-        self.resampler_kv = sum(_linear_params(layer.attn.to_kv) for layer in rs.layers)
-        self.resampler_inner = cfg.resampler.heads * cfg.resampler.head_dim
-        self.n_latents = cfg.resampler.n_latents
+        if rs is not None:
+            self.connector_rate = rate(rs, needs_input_grad=vision_upstream_trainable)
+            self.media_proj_params = _linear_params(rs.media_proj)
+            self.resampler_q_out_ffw = sum(_linear_params(layer.attn.to_q) + _linear_params(layer.attn.to_out)
+                                           + _linear_params(layer.ffw) for layer in rs.layers)
+            self.resampler_kv = sum(_linear_params(layer.attn.to_kv) for layer in rs.layers)
+            self.resampler_inner = cfg.resampler.heads * cfg.resampler.head_dim
+            self.n_latents = cfg.resampler.n_latents
+        else:
+            self.connector_rate = rate(model.projector, needs_input_grad=vision_upstream_trainable)
+            self.projector_params = _linear_params(model.projector)
 
         xattn = list(model.xattn_layers.values())
         self.xattn_rate = rate(model.xattn_layers) if xattn else 0
@@ -146,11 +180,11 @@ class FlopCounter:
         self.num_xattn = len(xattn)
 
         lm = model.lm
+        heads = [head for head in (lm.lm_head, lm.special_head) if head is not None]  # Mllama: no special_head
         self.lm_block_rate = rate(lm.layers)
         self.lm_block_params = _linear_params(lm.layers)
-        self.head_flops_per_token = rate(lm.lm_head) * lm.lm_head.weight.numel() + \
-            rate(lm.special_head) * lm.special_head.weight.numel()
-        self.head_params = lm.lm_head.weight.numel() + lm.special_head.weight.numel()
+        self.head_flops_per_token = sum(rate(head) * head.weight.numel() for head in heads)
+        self.head_params = sum(head.weight.numel() for head in heads)
         self.lm_inner = cfg.lm.heads * cfg.lm.head_dim
         self.lm_layers = cfg.lm.layers
 
@@ -159,28 +193,38 @@ class FlopCounter:
         weight costs 2 per token it sees, every attention its forward once)."""
         if backward:
             attn_mult = 3  # forward + backward for attention whose inputs need gradients
-            vision_rate, rs_rate, xattn_rate = self.vision_rate, self.resampler_rate, self.xattn_rate
+            vision_rate, connector_rate, xattn_rate = self.vision_rate, self.connector_rate, self.xattn_rate
             lm_rate, head_per_token = self.lm_block_rate, self.head_flops_per_token
         else:
-            attn_mult, vision_rate, rs_rate, xattn_rate, lm_rate = 1, 2, 2, 2, 2
+            attn_mult, vision_rate, connector_rate, xattn_rate, lm_rate = 1, 2, 2, 2, 2
             head_per_token = 2 * self.head_params
         total = 0.0
-        # Vision encoder, per frame.
-        vision_attn = 4 * self.vision_tokens**2 * self.cfg.vision.width * self.cfg.vision.layers
-        total += shape.frames * (vision_rate * (self.vision_block_params * self.vision_tokens + self.embedding_macs)
-                                 + (attn_mult if vision_rate > 2 else 1) * vision_attn)
-        # Perceiver Resampler, per media item (its F frames are flattened into one key sequence).
-        frames_per_item = shape.frames / max(shape.media_items, 1)
-        kv_len = frames_per_item * self.vision_features + self.n_latents
-        rs_mult = attn_mult if rs_rate > 2 else 1
-        total += shape.media_items * (
-            rs_rate * (self.media_proj_params * frames_per_item * self.vision_features
-                       + self.resampler_q_out_ffw * self.n_latents + self.resampler_kv * kv_len)
-            + rs_mult * 4 * self.n_latents * kv_len * self.resampler_inner * self.cfg.resampler.depth)
+        # Vision encoder, per pass (a frame; tiled: an image).
+        passes = shape.media_items if self.tiled else shape.frames
+        vision_attn = 4 * self.vision_tokens**2 * self.cfg.vision.width * self.vision_layers
+        total += passes * (vision_rate * (self.vision_block_params * self.vision_tokens + self.embedding_macs)
+                           + (attn_mult if vision_rate > 2 else 1) * vision_attn)
+        if self.cfg.connector == "resampler":
+            # Perceiver Resampler, per media item (its F frames are flattened into one key sequence).
+            connector_mult = attn_mult if connector_rate > 2 else 1
+            frames_per_item = shape.frames / max(shape.media_items, 1)
+            kv_len = frames_per_item * self.features_per_pass + self.n_latents
+            total += shape.media_items * (
+                connector_rate * (self.media_proj_params * frames_per_item * self.features_per_pass
+                                  + self.resampler_q_out_ffw * self.n_latents + self.resampler_kv * kv_len)
+                + connector_mult * 4 * self.n_latents * kv_len * self.resampler_inner * self.cfg.resampler.depth)
+            media_keys, keys_seen = shape.media_items * self.n_latents, shape.media_tokens * self.n_latents
+        else:
+            # Projector: every feature of every pass becomes a key; a token sees its image's valid keys.
+            media_keys = passes * self.features_per_pass
+            total += connector_rate * self.projector_params * media_keys
+            if self.tiled:
+                keys_seen = shape.media_token_tiles * self.cfg.vision.tokens_per_tile
+            else:
+                keys_seen = shape.media_tokens * shape.frames / max(shape.media_items, 1) * self.features_per_pass
         # Gated xattn-dense layers.
-        total += xattn_rate * (self.xattn_text_params * shape.text_tokens
-                               + self.xattn_kv_params * shape.media_items * self.n_latents)
-        total += attn_mult * 4 * shape.media_tokens * self.n_latents * self.xattn_inner * self.num_xattn
+        total += xattn_rate * (self.xattn_text_params * shape.text_tokens + self.xattn_kv_params * media_keys)
+        total += attn_mult * 4 * keys_seen * self.xattn_inner * self.num_xattn
         # LM blocks (causal self-attention: half of the full score matrix) and the output head.
         total += lm_rate * self.lm_block_params * shape.text_tokens
         total += attn_mult * 2 * shape.text_tokens_sq * self.lm_inner * self.lm_layers

@@ -202,17 +202,28 @@ def _image_positions(seq_len: int, images: int) -> list[int]:
     return [i * seq_len // images for i in range(images)]
 
 
+def _largest_aspect_ratio(vision) -> int:
+    """The aspect ratio id with the most tiles (the first such): planned tiled images fill their canvas."""
+    tiles = [rows * cols for rows, cols in vision.aspect_ratios]
+    return tiles.index(max(tiles)) + 1
+
+
 def fake_batch(model: nn.Module, micro_batch: int, seq_len: int, images: int) -> dict[str, torch.Tensor]:
-    """A micro-batch of the given shape: each row's <image> tokens at `_image_positions`."""
+    """A micro-batch of the given shape: each row's <image> tokens at `_image_positions`. Tiled images (Llama 3.2
+    Vision): max_tiles tiles each, with the aspect ratio id of the most real tiles."""
     cfg = model.cfg
     ids = torch.randint(0, cfg.lm.vocab_size, (micro_batch, seq_len))
     media_index = torch.full((micro_batch, seq_len), -1, dtype=torch.long)
     for number, start in enumerate(_image_positions(seq_len, images)):
         ids[:, start] = cfg.image_token_id
         media_index[:, start:] = number
-    size = cfg.vision.image_size
-    return {"input_ids": ids, "labels": ids.clone(), "media_index": media_index,
-            "images": torch.randn(micro_batch, images, 1, 3, size, size)}
+    size, tiled = cfg.vision.image_size, cfg.vision.kind == "tiled"
+    frames = cfg.vision.max_tiles if tiled else 1
+    batch = {"input_ids": ids, "labels": ids.clone(), "media_index": media_index,
+             "images": torch.randn(micro_batch, images, frames, 3, size, size)}
+    if tiled:
+        batch["aspect_ratio_ids"] = torch.full((micro_batch, images), _largest_aspect_ratio(cfg.vision))
+    return batch
 
 
 def _model_config(cfg: TrainConfig):
@@ -305,9 +316,13 @@ def _flops_per_micro_batch(model: nn.Module, micro_batch: int, seq_len: int, ima
 
     positions = _image_positions(seq_len, images)
     media_tokens = micro_batch * (seq_len - positions[0]) if positions else 0  # tokens at or after the first image
-    shape = BatchShape(micro_batch * seq_len, micro_batch * seq_len**2, media_tokens, micro_batch * images,
-                       micro_batch * images)
-    return FlopCounter(model).flops(shape)
+    counter = FlopCounter(model)
+    vision = model.cfg.vision
+    frames = vision.max_tiles if counter.tiled else 1
+    tiles = counter.tiles_of[_largest_aspect_ratio(vision)] if counter.tiled else 0  # per image, as fake_batch's
+    shape = BatchShape(micro_batch * seq_len, micro_batch * seq_len**2, media_tokens, micro_batch * images * frames,
+                       micro_batch * images, micro_batch * images * tiles, media_tokens * tiles)
+    return counter.flops(shape)
 
 
 def _link(world_size: int, gpu: GpuProfile) -> tuple[str, float]:
@@ -340,7 +355,8 @@ def make_plan(cfg: TrainConfig, world_size: int, gpu: GpuProfile, micro_batch: i
     seq_len = seq_len or cfg.data.max_length
     accumulation = accumulation_steps(cfg.train.global_batch_tokens, world_size, micro_batch, seq_len)
     trace = trace_step(cfg, world_size, micro_batch, seq_len, images)
-    host = cfg.data.prefetch * micro_batch * (seq_len * 8 * 3 + images * 3 * mcfg.vision.image_size**2 * 4)
+    frames = mcfg.vision.max_tiles if mcfg.vision.kind == "tiled" else 1
+    host = cfg.data.prefetch * micro_batch * (seq_len * 8 * 3 + images * frames * 3 * mcfg.vision.image_size**2 * 4)
     memory = MemoryPlan(trace.memory_by_category, trace.sharded_bytes["optimizer"], host)
     # Activations, temporaries and inputs grow with the micro-batch, the rest does not.
     per_row = max(sum(trace.memory_by_category.get(k, 0) for k in GROWS_WITH_BATCH) / micro_batch, 1)

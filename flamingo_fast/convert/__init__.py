@@ -4,6 +4,7 @@ exported folders.
     from_hf_llama(folder, into=None)        -> LanguageModel (config: .cfg, an LMConfig)
     from_hf_clip_vision(folder, into=None)  -> VisionTransformer (config: .cfg, a VisionConfig)
     from_open_flamingo(path, cfg, model=None) -> Flamingo
+    from_hf_mllama(folder)                  -> Flamingo (Llama 3.2 Vision; config: mllama_config(folder))
     save_pretrained(model, tokenizer, folder) / load_pretrained(folder) -> (Flamingo, Tokenizer)
         this project's exported folder: config.json + model.safetensors + tokenizer.json
     llama_config(folder) / clip_vision_config(folder) / open_flamingo_config(lm, vision, n)  -> configs
@@ -22,6 +23,7 @@ tensor names before loading anything. To build a Flamingo from released parts:
 from flamingo_fast.convert.clip import clip_vision_config, from_hf_clip_vision
 from flamingo_fast.convert.llama import from_hf_llama, llama_config
 from flamingo_fast.convert.loading import CheckpointKeyError
+from flamingo_fast.convert.mllama import from_hf_mllama, mllama_config
 from flamingo_fast.convert.open_flamingo import from_open_flamingo, open_flamingo_config
 from flamingo_fast.convert.pretrained import load_pretrained, save_pretrained
 
@@ -30,9 +32,11 @@ __all__ = [
     "clip_vision_config",
     "from_hf_clip_vision",
     "from_hf_llama",
+    "from_hf_mllama",
     "from_open_flamingo",
     "llama_config",
     "load_pretrained",
+    "mllama_config",
     "open_flamingo_config",
     "save_pretrained",
 ]

@@ -14,7 +14,7 @@ rows, so `<image>` and `<|endofchunk|>` begin as "average tokens" (what HF's res
 in spirit), and train from there; an existing model's special rows are left alone.
 
 Supported: model_type "llama" (and "mistral" without sliding window), SiLU, no attention/MLP bias,
-plain RoPE (no rope scaling), head_dim = hidden_size / heads. Anything else is a clear ValueError.
+plain RoPE or Llama 3.1's "llama3" scaling, head_dim = hidden_size / heads. Anything else is a clear ValueError.
 """
 
 from __future__ import annotations
@@ -41,13 +41,22 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _SPECIAL = ("special_embed.weight", "special_head.weight")
 
 
-def _rope_theta_and_type(config: dict) -> tuple[float, Optional[str]]:
+def rope_settings(config: dict, path: Path) -> tuple[float, Optional[tuple[float, float, float, int]]]:
+    """(rope_theta, LMConfig.rope_llama3) of a HF text config: plain RoPE or Llama 3.1's "llama3" scaling."""
     params = config.get("rope_parameters")  # transformers >= 5
-    if isinstance(params, dict):
-        return float(params.get("rope_theta", config.get("rope_theta", 10000.0))), params.get("rope_type")
-    scaling = config.get("rope_scaling")  # transformers 4
-    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
-    return float(config.get("rope_theta", 10000.0)), kind
+    if not isinstance(params, dict):  # transformers 4
+        params = {**(config.get("rope_scaling") or {}), "rope_theta": config.get("rope_theta", 10000.0)}
+    kind = params.get("rope_type", params.get("type"))
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    if kind in (None, "default"):
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(f"{path}: RoPE scaling {kind!r} is not supported (plain RoPE or 'llama3')")
+    try:
+        return theta, (float(params["factor"]), float(params["low_freq_factor"]), float(params["high_freq_factor"]),
+                       int(params["original_max_position_embeddings"]))
+    except KeyError as missing:
+        raise ValueError(f"{path}: 'llama3' RoPE scaling needs {missing}") from None
 
 
 def llama_config(folder: str | os.PathLike) -> LMConfig:
@@ -64,9 +73,7 @@ def llama_config(folder: str | os.PathLike) -> LMConfig:
     for flag in ("attention_bias", "mlp_bias"):
         if c.get(flag):
             raise ValueError(f"{path}: {flag}=true is not supported (the LM's projections have no bias)")
-    theta, rope_type = _rope_theta_and_type(c)
-    if rope_type not in (None, "default"):
-        raise ValueError(f"{path}: RoPE scaling {rope_type!r} is not supported (plain RoPE only)")
+    theta, llama3 = rope_settings(c, path)
     dim, heads = int(c.get("hidden_size", 4096)), int(c.get("num_attention_heads", 32))
     head_dim = c.get("head_dim")
     if head_dim is not None and heads * int(head_dim) != dim:
@@ -80,6 +87,7 @@ def llama_config(folder: str | os.PathLike) -> LMConfig:
         kv_heads=None if kv_heads is None or int(kv_heads) == heads else int(kv_heads),
         ffn_dim=int(c.get("intermediate_size", 11008)),
         rope_theta=theta,
+        rope_llama3=llama3,
         norm_eps=float(c.get("rms_norm_eps", 1e-6)),
         max_seq_len=int(c.get("max_position_embeddings", 2048)),
     )

@@ -4,6 +4,7 @@
     tok = shapes_tokenizer()
     loader = build_loader([{"kind": "shapes", "n": 50000}], tok, batch_size=32, image_size=64)
     for batch in loader: ...        # dict: input_ids, attention_mask, labels, media_index, images, num_images
+                                    # (+ aspect_ratio_ids with a TileTransform collator: Llama 3.2 Vision)
     state = loader.state_dict()     # checkpoint with the trainer; loader.load_state_dict(state) resumes
 """
 
@@ -29,6 +30,7 @@ from flamingo_fast.data.sample import (
 from flamingo_fast.data.shapes import ShapesDataset, shapes_dataset, shapes_tokenizer, shapes_words
 from flamingo_fast.data.skipping import SkipFilter, Skipped
 from flamingo_fast.data.source import MapSource, ShardedIndexSampler, Source, iter_samples
+from flamingo_fast.data.tiling import TileTransform, transform_for
 from flamingo_fast.data.tokenizer import Tokenizer, build_word_tokenizer, load_tokenizer
 from flamingo_fast.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform, decode_image, open_image
 from flamingo_fast.data.vqav2 import VQAv2Dataset, VQAv2Source
@@ -57,6 +59,7 @@ __all__ = [
     "Skipped",
     "Source",
     "TarShardSource",
+    "TileTransform",
     "Tokenizer",
     "VQAv2Dataset",
     "VQAv2Source",
@@ -78,5 +81,6 @@ __all__ = [
     "shapes_eval_split",
     "shapes_tokenizer",
     "shapes_words",
+    "transform_for",
     "vqa_text",
 ]

@@ -18,6 +18,8 @@ Batch dict (B rows, S = longest row, T = most images in a row):
     media_index    (B, S) long = cumsum(input_ids == <image>) - 1 (-1 before the first image)
     images         (B, T, F, C, H, W) float32, rows with fewer images zero-padded
     num_images     (B,) long
+    aspect_ratio_ids (B, T) long, only with a TileTransform (Llama 3.2 Vision): each image's tile arrangement
+                   (data/tiling.py), 0 for padding slots; images then hold F = max_tiles tiles, zero past the real ones
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Sequence
 import torch
 
 from flamingo_fast.data.sample import BadSampleError, Sample
+from flamingo_fast.data.tiling import TileTransform
 from flamingo_fast.data.tokenizer import Tokenizer
 from flamingo_fast.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 
@@ -44,6 +47,7 @@ class EncodedSample:
     id: str | None = None
     task: str | None = None
     source: str | None = None  # the pipeline source it came from (per-source skip accounting)
+    aspect_ratio_ids: torch.Tensor | None = None  # (T,) long, tiled images (TileTransform) only
 
 
 class Collator:
@@ -53,6 +57,10 @@ class Collator:
     add_bos/eos:  prepend bos / append eos (eos is trained on)
     mask_prompt:  honour `Sample.loss_start` (train only on the answer of prompted samples)
     padding_side: "right" for training, "left" for batched generation
+    eoc_as_eos:   write `<|endofchunk|>` as the tokenizer's eos, in ids and labels: a model whose special tokens
+                  are input-only (LMConfig.special_logits=False, Llama 3.2 Vision) cannot predict it, so its
+                  answers end with eos instead (where generation stops too)
+    transform:    an ImageTransform, or a TileTransform (tiled images plus aspect_ratio_ids)
     """
 
     def __init__(
@@ -67,6 +75,7 @@ class Collator:
         add_eos: bool = False,
         mask_prompt: bool = True,
         padding_side: str = "right",
+        eoc_as_eos: bool = False,
     ):
         if not isinstance(tokenizer, Tokenizer):
             raise TypeError(f"tokenizer must be a flamingo_fast.data.Tokenizer, got {type(tokenizer).__name__}")
@@ -78,6 +87,10 @@ class Collator:
             raise ValueError(f"max_length must be >= 2 (bos + one token) or None, got {max_length}")
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if eoc_as_eos and tokenizer.pad_id == tokenizer.eos_id:
+            raise ValueError("eoc_as_eos ends answers with eos, but this tokenizer pads with eos (it has no pad "
+                             "token), so the loss would ignore every answer's end: name a pad token in its "
+                             "special_tokens_map.json")
         self.tokenizer = tokenizer
         self.transform = transform
         self.max_length = max_length
@@ -85,6 +98,7 @@ class Collator:
         self.add_eos = add_eos
         self.mask_prompt = mask_prompt
         self.padding_side = padding_side
+        self.eoc_as_eos = eoc_as_eos
 
     @property
     def image_size(self) -> int:
@@ -94,6 +108,8 @@ class Collator:
         """Tokenize + label + transform one sample. Raises BadSampleError for unusable samples."""
         tok = self.tokenizer
         ids, offsets = tok.encode_with_offsets(sample.text)
+        if self.eoc_as_eos:
+            ids = [tok.eos_id if t == tok.eoc_token_id else t for t in ids]
         image_positions = [i for i, t in enumerate(ids) if t == tok.image_token_id]
         if len(image_positions) != len(sample.images):
             raise BadSampleError(
@@ -114,19 +130,28 @@ class Collator:
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         kept_images = sum(1 for t in ids if t == tok.image_token_id)
 
-        frames = [self.transform(image) for image in sample.images[:kept_images]]
+        kept = sample.images[:kept_images]
+        aspect_ratio_ids = None
+        if isinstance(self.transform, TileTransform):
+            tiled = [self.transform(image) for image in kept]
+            frames = [tiles for tiles, _ in tiled]
+            aspect_ratio_ids = torch.tensor([ratio for _, ratio in tiled], dtype=torch.long)
+        else:
+            frames = [self.transform(image) for image in kept]
         if len({f.shape[0] for f in frames}) > 1:
             raise BadSampleError(
                 "frame_count_mismatch", f"sample {sample.id!r} mixes frame counts {[f.shape[0] for f in frames]}"
             )
         size = self.transform.image_size
-        images = torch.stack(frames) if frames else torch.zeros(0, 1, 3, size, size)
+        empty_frames = self.transform.max_tiles if aspect_ratio_ids is not None else 1
+        images = torch.stack(frames) if frames else torch.zeros(0, empty_frames, 3, size, size)
         return EncodedSample(
             input_ids=torch.tensor(ids, dtype=torch.long),
             labels=torch.tensor(labels, dtype=torch.long),
             images=images,
             id=sample.id,
             task=sample.task,
+            aspect_ratio_ids=aspect_ratio_ids,
         )
 
     def collate(self, items: Sequence[EncodedSample]) -> dict[str, torch.Tensor]:
@@ -149,6 +174,9 @@ def pad_batch(items: Sequence[EncodedSample], pad_id: int, image_token_id: int, 
     elif seq_len < longest:
         raise ValueError(f"seq_len={seq_len} is shorter than the longest row ({longest} tokens)")
     max_images = max(item.images.shape[0] for item in items)
+    tiled = {item.aspect_ratio_ids is not None for item in items}
+    if len(tiled) > 1:
+        raise ValueError("a batch mixes tiled images (with aspect_ratio_ids) and plain ones")
     frame_counts = {item.images.shape[1] for item in items if item.images.shape[0] > 0}
     if len(frame_counts) > 1:
         raise ValueError(f"all images in a batch must have the same frame count F, got {sorted(frame_counts)}")
@@ -170,7 +198,7 @@ def pad_batch(items: Sequence[EncodedSample], pad_id: int, image_token_id: int, 
         images[row, :count] = item.images
         num_images[row] = count
     media_index = torch.cumsum(input_ids == image_token_id, dim=1) - 1
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
@@ -178,3 +206,8 @@ def pad_batch(items: Sequence[EncodedSample], pad_id: int, image_token_id: int, 
         "images": images,
         "num_images": num_images,
     }
+    if tiled.pop():
+        batch["aspect_ratio_ids"] = torch.zeros(batch_size, max_images, dtype=torch.long)
+        for row, item in enumerate(items):
+            batch["aspect_ratio_ids"][row, : item.aspect_ratio_ids.numel()] = item.aspect_ratio_ids
+    return batch

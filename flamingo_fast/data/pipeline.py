@@ -43,6 +43,7 @@ from flamingo_fast.data.sample import BadSampleError
 from flamingo_fast.data.shapes import ShapesDataset, shapes_tokenizer
 from flamingo_fast.data.skipping import MAX_CONSECUTIVE_SKIPS, SkipFilter, Skipped
 from flamingo_fast.data.source import MapSource, Source, check_rank
+from flamingo_fast.data.tiling import TileTransform
 from flamingo_fast.data.tokenizer import Tokenizer, load_tokenizer
 from flamingo_fast.data.transforms import CLIP_MEAN, CLIP_STD
 from flamingo_fast.data.vqav2 import VQAv2Source
@@ -248,6 +249,9 @@ def build_loader(
         collator = Collator(tokenizer, image_size, mean=mean, std=std, max_length=max_length)
     elif collator.image_size != image_size:
         raise ValueError(f"collator.image_size={collator.image_size} differs from image_size={image_size}")
+    if packing and isinstance(collator.transform, TileTransform):
+        raise ValueError("packing=True cannot carry tiled images (TileTransform: Llama 3.2 Vision, whose image "
+                         "groups are not defined across packed documents); use packing=False")
 
     built: dict[str, Source] = {}
     mixture: dict[str, float] = {}

@@ -4,7 +4,9 @@ Convention shared with the model (notes/common.md): for a base vocabulary of N i
 `<|endofchunk|>` = N + 1, so `vocab_size = N + 2` (HF Llama + 2 added tokens, as in OpenFlamingo).
 
 Two ways to get one:
-- `load_tokenizer(path)`: a Llama-style `tokenizer.json` (file or folder), e.g. from a HF checkpoint;
+- `load_tokenizer(path)`: a Llama-style `tokenizer.json` (file or folder), e.g. from a HF checkpoint. Llama 3.2
+  Vision's (Mllama) already ends with its image token `<|image|>` at id N, the id `<image>` gets here: it is
+  renamed `<image>` (so the samples' markers map to it) and only `<|endofchunk|>` is appended;
 - `build_word_tokenizer(words)`: a tiny lowercase word-level tokenizer (punctuation split off), used
   by the embedded shapes data. Its ids: `<pad>` 0, `<s>` 1, `</s>` 2, `<unk>` 3, the sorted words, then
   `<image>`, `<|endofchunk|>`.
@@ -36,8 +38,9 @@ _ROLE_CANDIDATES = {
     "bos": ("<s>", "<|begin_of_text|>", "<bos>"),
     "eos": ("</s>", "<|end_of_text|>", "<eos>"),
     "unk": ("<unk>",),
-    "pad": ("<pad>", "<PAD>", "[PAD]"),
+    "pad": ("<pad>", "<PAD>", "[PAD]", "<|finetune_right_pad_id|>"),  # the last: Llama 3.1+ (Mllama's pad_token_id)
 }
+MLLAMA_IMAGE_TOKEN = "<|image|>"
 
 
 class Tokenizer:
@@ -69,11 +72,12 @@ class Tokenizer:
     def _add_flamingo_tokens(self) -> None:
         size = self._tok.get_vocab_size(with_added_tokens=True)
         image_id, eoc_id = self._tok.token_to_id(IMAGE_TOKEN), self._tok.token_to_id(EOC_TOKEN)
-        if image_id is None and eoc_id is None:
-            self._tok.add_special_tokens(
-                [AddedToken(t, special=True, normalized=False) for t in (IMAGE_TOKEN, EOC_TOKEN)]
-            )
-            size += 2
+        # Both missing: append both. Only `<|endofchunk|>` missing after a last `<image>` (Mllama's): append it.
+        missing = (IMAGE_TOKEN, EOC_TOKEN) if image_id is None and eoc_id is None else \
+            (EOC_TOKEN,) if eoc_id is None and image_id == size - 1 else ()
+        if missing:
+            self._tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+            size += len(missing)
             image_id, eoc_id = self._tok.token_to_id(IMAGE_TOKEN), self._tok.token_to_id(EOC_TOKEN)
         if (image_id, eoc_id) != (size - 2, size - 1):
             raise ValueError(
@@ -147,17 +151,34 @@ def _read_roles(folder: Path) -> dict[str, str]:
     return roles
 
 
+def _mllama_image_token_renamed(tok: HFTokenizer) -> HFTokenizer:
+    """A tokenizer whose last id is `<|image|>` (Llama 3.2 Vision's) with that token renamed `<image>`: the same
+    id, which is where this project puts `<image>` (module docstring). Any other tokenizer is returned as is."""
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if tok.token_to_id(MLLAMA_IMAGE_TOKEN) != size - 1 or tok.token_to_id(IMAGE_TOKEN) is not None:
+        return tok
+    data = json.loads(tok.to_str())
+    for added in data["added_tokens"]:
+        if added["content"] == MLLAMA_IMAGE_TOKEN:
+            added["content"] = IMAGE_TOKEN
+    renamed = HFTokenizer.from_str(json.dumps(data))
+    if renamed.token_to_id(IMAGE_TOKEN) != size - 1:
+        raise ValueError(f"cannot rename {MLLAMA_IMAGE_TOKEN} to {IMAGE_TOKEN}: it is not only an added token")
+    return renamed
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a `tokenizer.json` (a file, or a folder holding one, optionally with special_tokens_map.json).
 
     Works for HF Llama checkpoints and for folders written by `Tokenizer.save`. `<image>` and
-    `<|endofchunk|>` are appended as the last two ids unless already there.
+    `<|endofchunk|>` are appended as the last two ids unless already there (a Llama 3.2 Vision tokenizer's
+    last `<|image|>` becomes `<image>`: module docstring).
     """
     path = Path(path)
     file = path / TOKENIZER_FILE if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"no {TOKENIZER_FILE} at {path}")
-    hf_tokenizer = HFTokenizer.from_file(str(file))
+    hf_tokenizer = _mllama_image_token_renamed(HFTokenizer.from_file(str(file)))
     roles = _read_roles(file.parent)
     for role, candidates in _ROLE_CANDIDATES.items():
         if role not in roles:

@@ -27,6 +27,7 @@ import torch
 
 from flamingo_fast.data.sample import Sample
 from flamingo_fast.data.tokenizer import Tokenizer
+from flamingo_fast.data.tiling import transform_for
 from flamingo_fast.data.transforms import ImageTransform
 from flamingo_fast.eval.cider import cider_d
 from flamingo_fast.eval.fewshot import (
@@ -126,7 +127,7 @@ def evaluate(
     for sample in query_samples:
         check_sample(sample, task, "query")
     truths = [q.references if task.kind == "caption" else q.answers for q in query_samples]
-    transform = image_transform or ImageTransform(model.cfg.vision.image_size)
+    transform = image_transform or transform_for(model.cfg.vision)
     retriever = RicesRetriever(model, support, transform) if rices else None
     run_seeds = list(seeds)[:1] if rices else list(seeds)
     if not run_seeds:

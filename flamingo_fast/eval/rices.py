@@ -25,6 +25,9 @@ class RicesRetriever:
     def __init__(self, model: Flamingo, support: Sequence[Sample], transform: ImageTransform, batch_size: int = 32):
         if len(support) == 0:
             raise ValueError("RICES needs a non-empty support set")
+        if model.cfg.vision.kind != "clip":
+            raise ValueError("RICES retrieval embeds images with the CLIP vision encoder; the tiled (Llama 3.2 Vision) "
+                             "encoder is not supported: use random demonstrations (rices=False)")
         self.model, self.transform, self.batch_size = model, transform, batch_size
         embeddings = []
         for start in range(0, len(support), batch_size):

@@ -77,6 +77,26 @@ class VisionConfig:
     # instead of the p x p patchify conv. The strides must multiply to patch_size. Empty (CLIP's layout): the
     # plain patch embedding. The CPU demo uses one (the measurement is in train/configs/demo.toml).
     stem: tuple[tuple[int, int], ...] = ()
+    # "clip": the ViT above. "tiled": Llama 3.2 Vision's encoder (tiled_vision.py): each image is up to
+    # `max_tiles` tiles of image_size px with gated tile / position embeddings, a local encoder of `layers`
+    # layers, a gated global encoder of `global_layers` layers, and the outputs of `intermediate_layers` (local
+    # layer indices) concatenated to the final features: width * (1 + len(intermediate_layers)) per token.
+    kind: str = "clip"
+    max_tiles: int = 1
+    global_layers: int = 0
+    intermediate_layers: tuple[int, ...] = ()
+    # Tiles (rows, cols) of each aspect ratio id 1, 2, ... (id 0 = a padding image); "tiled" only.
+    aspect_ratios: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Tokens of one tile of the tiled encoder: patches + class token."""
+        return self.num_patches + 1
+
+    @property
+    def output_dim(self) -> int:
+        """Feature width handed to the resampler / projector."""
+        return self.width * (1 + len(self.intermediate_layers)) if self.kind == "tiled" else self.width
 
     @property
     def num_patches(self) -> int:
@@ -88,7 +108,7 @@ class VisionConfig:
         return self.num_patches + int(self.class_token and self.output_class_token)
 
     def validate(self) -> None:
-        _check_numbers("vision", self)
+        _check_numbers("vision", self, may_be_zero=("global_layers",))
         if self.image_size % self.patch_size:
             raise ValueError(f"vision.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
         if self.width % self.heads:
@@ -101,6 +121,25 @@ class VisionConfig:
                 isinstance(layer, (list, tuple)) and len(layer) == 2 and all(map(_is_int, layer)) for layer in self.stem):
             raise ValueError(f"vision.stem must be a list of [out_channels, stride] int pairs, got {self.stem!r}")
         self.stem = tuple((c, st) for c, st in self.stem)
+        if self.kind not in ("clip", "tiled"):
+            raise ValueError(f"vision.kind must be 'clip' or 'tiled', got {self.kind!r}")
+        self.intermediate_layers = tuple(self.intermediate_layers)
+        self.aspect_ratios = tuple(tuple(r) for r in self.aspect_ratios)
+        if self.kind == "tiled":
+            if self.stem or not self.class_token:
+                raise ValueError("vision.kind='tiled' has a plain patch embedding and a class token per tile "
+                                 "(no stem, class_token true)")
+            if not all(_is_int(i) and 0 <= i < self.layers for i in self.intermediate_layers):
+                raise ValueError(f"vision.intermediate_layers must be local layer indices in [0, {self.layers}), "
+                                 f"got {list(self.intermediate_layers)}")
+            if not self.aspect_ratios or not all(
+                    len(r) == 2 and all(_is_int(n) and n >= 1 for n in r) and r[0] * r[1] <= self.max_tiles
+                    for r in self.aspect_ratios):
+                raise ValueError(f"vision.aspect_ratios must be (rows, cols) pairs of at most max_tiles="
+                                 f"{self.max_tiles} tiles, got {[list(r) for r in self.aspect_ratios]}")
+        elif self.max_tiles != 1 or self.global_layers or self.intermediate_layers or self.aspect_ratios:
+            raise ValueError("vision.max_tiles / global_layers / intermediate_layers / aspect_ratios need "
+                             "vision.kind='tiled'")
         if self.stem and (math.prod(st for _, st in self.stem) != self.patch_size
                           or not all(c > 0 and st in (1, 2) for c, st in self.stem)):
             raise ValueError(f"vision.stem must be [out_channels > 0, stride 1 or 2] pairs whose strides multiply to "
@@ -151,9 +190,20 @@ class XAttnConfig:
     head_dim: int = 128
     kv_heads: Optional[int] = None  # None = heads (no GQA)
     ffw_mult: int = 4
-    activation: str = "sqrelu"  # paper: squared ReLU; "gelu" reproduces OpenFlamingo's layers
+    activation: str = "sqrelu"  # paper: squared ReLU; "gelu" reproduces OpenFlamingo's layers; "swiglu": Mllama
     only_immediate: bool = True  # False: each token attends to all images up to its latest one
     layer_norm_eps: float = 1e-5
+    # -- the Llama 3.2 Vision (Mllama) variant of the same layer; the defaults are Flamingo's --
+    # Explicit LM block indices (the layer runs right before each); None: first_layer / every. Mllama's
+    # "cross-attention decoder layer at index i" is the layer before LM block i - (cross layers before i).
+    layer_ids: Optional[tuple[int, ...]] = None
+    norm: str = "layernorm"  # "rmsnorm" (Mllama) for the pre-attention and pre-FFW norms
+    qk_norm: bool = False  # RMSNorm over each head's q and k (Mllama)
+    ffw_dim: Optional[int] = None  # FFW hidden width; None: ffw_mult * dim
+    # "index": a token sees its latest image (or all up to it, only_immediate=False); "groups": Mllama's rule, a
+    # token sees the images of the latest group of consecutive <image> tokens (ops.MediaSpans.from_image_groups).
+    media_span: str = "index"
+    zero_ffw_without_media: bool = False  # Mllama: the FFW adds nothing to tokens that see no image
 
     @property
     def n_kv_heads(self) -> int:
@@ -167,8 +217,17 @@ class XAttnConfig:
             raise ValueError(f"xattn.first_layer must be >= 0, got {self.first_layer}")
         if self.heads % self.n_kv_heads:
             raise ValueError(f"xattn.heads {self.heads} must be a multiple of kv_heads {self.n_kv_heads}")
-        if self.activation not in ("sqrelu", "gelu"):
-            raise ValueError(f"xattn.activation must be 'sqrelu' or 'gelu', got {self.activation!r}")
+        if self.activation not in ("sqrelu", "gelu", "swiglu"):
+            raise ValueError(f"xattn.activation must be 'sqrelu', 'gelu' or 'swiglu', got {self.activation!r}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"xattn.norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.media_span not in ("index", "groups"):
+            raise ValueError(f"xattn.media_span must be 'index' or 'groups', got {self.media_span!r}")
+        if self.layer_ids is not None:
+            ids = tuple(self.layer_ids)
+            if not all(_is_int(i) and i >= 0 for i in ids) or list(ids) != sorted(set(ids)):
+                raise ValueError(f"xattn.layer_ids must be increasing LM block indices >= 0, got {list(ids)}")
+            self.layer_ids = ids
 
 
 @dataclass
@@ -184,6 +243,12 @@ class LMConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     max_seq_len: int = 4096  # default KV-cache length; RoPE itself has no table limit
+    # Llama 3.1's RoPE frequency scaling ("rope_type": "llama3"): (factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings); None: plain RoPE.
+    rope_llama3: Optional[tuple[float, float, float, int]] = None
+    # False: the 2 special tokens are input-only (Mllama: `<|image|>` has an embedding row, no output row), so
+    # logits cover the base vocabulary only and there is no special_head.
+    special_logits: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -203,6 +268,12 @@ class LMConfig:
             raise ValueError(f"lm head dim {self.head_dim} must be even for RoPE")
         if self.vocab_size < 1:
             raise ValueError(f"lm.vocab_size must be >= 1, got {self.vocab_size}")
+        if self.rope_llama3 is not None:
+            r = tuple(self.rope_llama3)
+            if len(r) != 4 or not all(isinstance(x, (int, float)) and x > 0 for x in r) or r[2] <= r[1]:
+                raise ValueError(f"lm.rope_llama3 must be (factor, low_freq_factor, high_freq_factor, "
+                                 f"original_max_position_embeddings), all > 0, high > low; got {self.rope_llama3!r}")
+            self.rope_llama3 = (float(r[0]), float(r[1]), float(r[2]), int(r[3]))
 
 
 @dataclass
@@ -214,6 +285,10 @@ class FlamingoConfig:
     # Labels equal to this id are ignored by the loss (None: the tokenizer has no pad token).
     pad_token_id: Optional[int] = None
     name: str = "custom"
+    # How vision features become the xattn layers' keys/values: "resampler" (Flamingo: n_latents latents per
+    # image, width resampler.dim) or "projector" (Mllama: one Linear from vision.output_dim to lm.dim per token;
+    # every tile token is a key).
+    connector: str = "resampler"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -235,12 +310,34 @@ class FlamingoConfig:
     @property
     def xattn_layer_ids(self) -> list[int]:
         """LM block indices that get a gated xattn-dense layer in front of them."""
+        if self.xattn.layer_ids is not None:
+            return list(self.xattn.layer_ids)
         first, every = self.xattn.first_layer, self.xattn.every
         return [i for i in range(first, self.lm.layers) if (i - first) % every == 0]
+
+    @property
+    def media_dim(self) -> int:
+        """Width of the media tokens the xattn layers project to keys/values."""
+        return self.resampler.dim if self.connector == "resampler" else self.lm.dim
+
+    @property
+    def keys_per_media(self) -> int:
+        """Key slots per image: n_latents (resampler), or every token of every tile (projector)."""
+        if self.connector == "resampler":
+            return self.resampler.n_latents
+        v = self.vision
+        return v.max_tiles * v.tokens_per_tile if v.kind == "tiled" else v.num_features
 
     def validate(self) -> None:
         for part in (self.vision, self.resampler, self.xattn, self.lm):
             part.validate()
+        if self.connector not in ("resampler", "projector"):
+            raise ValueError(f"connector must be 'resampler' or 'projector', got {self.connector!r}")
+        if self.vision.kind == "tiled" and self.connector != "projector":
+            raise ValueError("vision.kind='tiled' (Mllama) needs connector='projector'")
+        if self.xattn.layer_ids is not None and self.xattn.layer_ids and self.xattn.layer_ids[-1] >= self.lm.layers:
+            raise ValueError(f"xattn.layer_ids must be LM block indices < lm.layers={self.lm.layers}, got "
+                             f"{list(self.xattn.layer_ids)}")
         if self.resampler.spatial_embedding != "none":
             if self.vision.num_features != self.vision.num_patches:
                 raise ValueError("resampler.spatial_embedding needs patch features only: set vision.output_class_token "
@@ -355,4 +452,37 @@ def _xl() -> FlamingoConfig:
     )
 
 
-PRESETS = {"demo": _demo, "3b": _3b, "9b": _9b, "xl": _xl}
+# -- Llama 3.2 Vision (Mllama), the same model family configured (transformers' MllamaConfig defaults) --------
+# Tiled ViT-H/14 at 560 px: 32 local + 8 global layers of width 1280, features of local layers 3, 7, 15, 23, 30
+# concatenated (7680 wide), up to 4 tiles of 1601 tokens per image. The cross-attention layers sit at HF decoder
+# indices 3, 8, 13, ... = before LM blocks 3, 7, 11, ... of the Llama 3.1 text model (every 4 from 3).
+MLLAMA_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
+_MLLAMA_VISION = dict(kind="tiled", image_size=560, patch_size=14, width=1280, layers=32, heads=16, mlp_dim=5120,
+                      activation="gelu", max_tiles=4, global_layers=8, intermediate_layers=(3, 7, 15, 23, 30),
+                      aspect_ratios=MLLAMA_ASPECT_RATIOS)
+_LLAMA3_ROPE = (8.0, 1.0, 4.0, 8192)
+
+
+def mllama_xattn(lm: LMConfig, layer_ids: tuple[int, ...]) -> XAttnConfig:
+    """Mllama's cross-attention layer: the LM's heads / GQA / SwiGLU width, RMSNorms, q/k norms, image groups."""
+    return XAttnConfig(layer_ids=layer_ids, heads=lm.heads, kv_heads=lm.kv_heads, head_dim=lm.head_dim,
+                       ffw_dim=lm.ffn_dim, activation="swiglu", norm="rmsnorm", qk_norm=True, media_span="groups",
+                       zero_ffw_without_media=True, layer_norm_eps=lm.norm_eps)
+
+
+def _mllama(name: str, dim: int, blocks: int, heads: int, ffn_dim: int) -> FlamingoConfig:
+    lm = LMConfig(vocab_size=128256, dim=dim, layers=blocks, heads=heads, kv_heads=8, ffn_dim=ffn_dim,
+                  rope_theta=500000.0, rope_llama3=_LLAMA3_ROPE, special_logits=False, max_seq_len=8192)
+    return FlamingoConfig(name=name, vision=VisionConfig(**_MLLAMA_VISION), connector="projector",
+                          xattn=mllama_xattn(lm, tuple(range(3, blocks, 4))), lm=lm, pad_token_id=128004)
+
+
+def _mllama_11b() -> FlamingoConfig:
+    return _mllama("mllama-11b", dim=4096, blocks=32, heads=32, ffn_dim=14336)  # text: Llama 3.1 8B
+
+
+def _mllama_90b() -> FlamingoConfig:
+    return _mllama("mllama-90b", dim=8192, blocks=80, heads=64, ffn_dim=28672)  # text: Llama 3.1 70B
+
+
+PRESETS = {"demo": _demo, "3b": _3b, "9b": _9b, "xl": _xl, "mllama-11b": _mllama_11b, "mllama-90b": _mllama_90b}

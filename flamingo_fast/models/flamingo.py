@@ -33,7 +33,7 @@ Freezing (`set_trainable`): "flamingo" (default; paper): resampler + xattn + the
 Generation: `encode_images(images)` -> latents, `forward(..., latents=latents)` skips the vision encoder;
 `new_cache(batch, max_length)` -> FlamingoCache. Pass the images (or latents) with the prompt on the first
 cached call: each xattn layer's keys/values are computed once and kept in `cache.media_kv` ({layer name:
-(k, v)}), the LM's keys/values in `cache.lm` (KVCache), and `cache.media_count` continues media_index, so
+(k, v)}), the LM's keys/values in `cache.lm` (KVCache), and `cache.media_state` continues the media spans, so
 later calls pass only the new token ids. Left-padded rows (prompts of different lengths) pass
 `key_padding_mask` (B, cached + S), True at padding, to the LM (lm.py); media cross-attention needs nothing
 more, since a padding token is no `<image>` and so never moves a row's media_index.
@@ -44,6 +44,13 @@ run of one id), `images` as the batch's flat list (N, F, C, H, W) (or `latents` 
 stays within each document, RoPE positions restart per document (unless `positions` are given), and each
 xattn layer sees the batch as one long row of B * S queries over the N images, so the media op needs no
 per-row image padding.
+
+Llama 3.2 Vision (Mllama) is this model configured (config.py's `mllama-11b` / `mllama-90b`): `vision` is the
+tiled encoder (tiled_vision.py; images (B, T_img, max_tiles, C, H, W) with `aspect_ratio_ids` (B, T_img), 0 for a
+padding image), `projector` (Linear, transformers' multi_modal_projector) replaces the resampler and maps every
+tile token to the LM width, each image's valid keys are its real tiles' tokens, and tokens see the images of
+their latest group of consecutive `<image>` tokens (ops.MediaSpans). The LM blocks and xattn layers are the same
+classes (xattn.py says which switches differ).
 
 Input checks: shapes, dtypes and devices are checked on every call; checks that read tensor values (token
 ids in range, `<image>` count vs T_img, media_index range) run in eager mode only, so that
@@ -63,10 +70,11 @@ from torch import nn
 from flamingo_fast.models.config import TRAINABLE_MODES, FlamingoConfig
 from flamingo_fast.models.lm import BeforeBlock, KVCache, LanguageModel
 from flamingo_fast.models.perceiver import PerceiverResampler
-from flamingo_fast.ops.validation import holds_values
+from flamingo_fast.models.tiled_vision import TiledVisionTransformer
 from flamingo_fast.models.vision import VisionTransformer
-from flamingo_fast.models.xattn import GatedXAttnDense
-
+from flamingo_fast.models.xattn import GatedXAttnDense, Media
+from flamingo_fast.ops.media_spans import ImageGroupState, MediaSpans, continue_image_groups
+from flamingo_fast.ops.validation import holds_values
 
 
 @dataclass
@@ -87,7 +95,9 @@ class FlamingoCache:
     lm: KVCache
     media_kv: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None
     num_media: int = 0  # T_img of the cached media
-    media_count: Optional[torch.Tensor] = None  # (B,) long
+    # Where the media spans continue (Flamingo.media_for_tokens): (B,) images seen, or Mllama's GroupState.
+    media_state: Optional[torch.Tensor | ImageGroupState] = None
+    key_count: Optional[torch.Tensor] = None  # (B, T_img) valid keys per cached image (tiled vision)
 
     @property
     def length(self) -> int:
@@ -99,12 +109,15 @@ class Flamingo(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.vision = VisionTransformer(cfg.vision)
-        self.resampler = PerceiverResampler(cfg.resampler, media_dim=cfg.vision.width)
+        self.vision = TiledVisionTransformer(cfg.vision) if cfg.vision.kind == "tiled" else VisionTransformer(cfg.vision)
+        # The connector: exactly one of resampler (Flamingo) and projector (Mllama) exists.
+        self.resampler = (PerceiverResampler(cfg.resampler, media_dim=cfg.vision.width)
+                          if cfg.connector == "resampler" else None)
+        self.projector = nn.Linear(cfg.vision.output_dim, cfg.lm.dim) if cfg.connector == "projector" else None
         self.lm = LanguageModel(cfg.lm)
         self.xattn_layers = nn.ModuleDict(
             {
-                str(i): GatedXAttnDense(cfg.xattn, cfg.lm.dim, cfg.resampler.dim, cfg.resampler.n_latents)
+                str(i): GatedXAttnDense(cfg.xattn, cfg.lm.dim, cfg.media_dim, cfg.keys_per_media)
                 for i in cfg.xattn_layer_ids
             }
         )
@@ -117,8 +130,9 @@ class Flamingo(nn.Module):
             raise ValueError(f"mode must be one of {TRAINABLE_MODES}, got {mode!r}")
         self.requires_grad_(mode == "all")
         if mode == "flamingo":
-            for module in (self.resampler, self.xattn_layers, self.lm.special_embed, self.lm.special_head):
-                module.requires_grad_(True)
+            for module in (self.connector, self.xattn_layers, self.lm.special_embed, self.lm.special_head):
+                if module is not None:
+                    module.requires_grad_(True)
         elif mode == "lm":
             self.lm.requires_grad_(True)
         elif mode == "vision":
@@ -139,14 +153,29 @@ class Flamingo(nn.Module):
     def shard_units(self) -> list[list[nn.Module]]:
         """Groups of modules to wrap as one FSDP unit each (then wrap the root): vision blocks, resampler,
         and each LM block with the xattn layer that runs before it."""
-        units: list[list[nn.Module]] = [[layer] for layer in self.vision.encoder.layers]
-        units.append([self.resampler])
+        units: list[list[nn.Module]] = [[layer] for layer in self.vision_blocks]
+        units.append([self.connector])
         for i, block in enumerate(self.lm.layers):
             units.append([self.xattn_layers[str(i)], block] if str(i) in self.xattn_layers else [block])
         return units
 
+    @property
+    def connector(self) -> nn.Module:
+        """The resampler (Flamingo) or the projector (Mllama)."""
+        return self.resampler if self.resampler is not None else self.projector
+
+    @property
+    def vision_blocks(self) -> list[nn.Module]:
+        """The vision encoder's layers (local then global for the tiled encoder)."""
+        if isinstance(self.vision, TiledVisionTransformer):
+            return [*self.vision.transformer.layers, *self.vision.global_transformer.layers]
+        return list(self.vision.encoder.layers)
+
     def parameter_counts(self) -> dict[str, int]:
-        def count(module: nn.Module, trainable_only: bool = False) -> int:
+        """Parameters per part; "resampler" / "projector": the connector that exists (the other is 0)."""
+        def count(module: Optional[nn.Module], trainable_only: bool = False) -> int:
+            if module is None:
+                return 0
             return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
         return {
@@ -155,16 +184,46 @@ class Flamingo(nn.Module):
             "lm": count(self.lm),
             "vision": count(self.vision),
             "resampler": count(self.resampler),
+            "projector": count(self.projector),
             "xattn": count(self.xattn_layers),
         }
 
     # -- media ------------------------------------------------------------------------------------------------
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, T_img, F, C, H, W) -> latents (B, T_img, n_latents, Dm)."""
-        self._check_images(images)
+    def encode_images(self, images: torch.Tensor, aspect_ratio_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """images (B, T_img, F, C, H, W) -> latents (B, T_img, n_latents, Dm). Tiled vision: F = max_tiles and
+        aspect_ratio_ids (B, T_img) -> media tokens (B, T_img, max_tiles * tokens_per_tile, lm.dim), zero for
+        padding images (id 0)."""
+        self._check_images(images, aspect_ratio_ids=aspect_ratio_ids)
         b, t, f = images.shape[:3]
+        if isinstance(self.vision, TiledVisionTransformer):
+            ids = aspect_ratio_ids.reshape(b * t)
+            features = self.vision(images.reshape(b * t, *images.shape[2:]), ids)
+            tokens = self.projector(features).view(b, t, -1, self.cfg.lm.dim)
+            return tokens * (aspect_ratio_ids > 0)[:, :, None, None].to(tokens.dtype)
         features = self.vision(images.reshape(b * t * f, *images.shape[3:]))
+        if self.projector is not None:  # a plain ViT with a projector: every feature of every frame is a key
+            return self.projector(features).view(b, t, -1, self.cfg.lm.dim)
         return self.resampler(features.view(b, t, f, *features.shape[1:]))
+
+    def key_count(self, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T_img) valid keys per image of the tiled encoder: real tiles x tokens per tile."""
+        return self.vision.tile_counts(aspect_ratio_ids) * self.cfg.vision.tokens_per_tile
+
+    def media_for_tokens(self, input_ids: torch.Tensor, state=None, key_count: Optional[torch.Tensor] = None):
+        """What each token of `input_ids` sees, for the xattn layers, continuing `state` (None at a sequence's
+        start; FlamingoCache.media_state) -> (media, state after these tokens).
+
+        media_span "index": media_index (B, S) (module docstring), state = images seen (B,). "groups" (Mllama):
+        MediaSpans over images at a stride of keys_per_media with `key_count` (B, T_img) valid keys each."""
+        is_image = input_ids == self.cfg.image_token_id
+        if self.cfg.xattn.media_span == "index":
+            media_index = self.compute_media_index(input_ids, state)
+            return media_index, media_index[:, -1] + 1
+        start, end, state = continue_image_groups(is_image, state if state is not None else ImageGroupState.initial(input_ids))
+        if key_count is None:  # no images: every span is empty
+            key_count = input_ids.new_zeros(input_ids.shape[0], 0)
+        offset = torch.arange(key_count.shape[1], device=key_count.device) * self.cfg.keys_per_media
+        return MediaSpans(start, end, offset.expand_as(key_count), key_count), state
 
     def media_kv(self, latents: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each xattn layer's keys/values for these latents, keyed like `xattn_layers`."""
@@ -194,20 +253,33 @@ class Flamingo(nn.Module):
         key_padding_mask: Optional[torch.Tensor] = None,
         positions: Optional[torch.Tensor] = None,
         document_ids: Optional[torch.Tensor] = None,
+        aspect_ratio_ids: Optional[torch.Tensor] = None,
     ) -> FlamingoOutput:
         """input_ids (B, S) long; images (B, T_img, F, C, H, W) or None; or precomputed `latents`
         (B, T_img, n_latents, Dm) from `encode_images`. With a `cache`, media given on the first call are
         kept (as per-layer keys/values) for the following calls, and media_index continues across calls.
         key_padding_mask / positions: left-padded rows, passed to the LM; document_ids: packed rows, with
-        images / latents as the batch's flat list (module docstring)."""
+        images / latents as the batch's flat list (module docstring). Tiled vision (Mllama): images
+        (B, T_img, max_tiles, C, H, W) with aspect_ratio_ids (B, T_img), also with `latents` (for the key
+        counts); the ids are kept in the cache."""
         self._check_ids(input_ids)
         b = input_ids.shape[0]
         if images is not None and latents is not None:
             raise ValueError("pass images or latents, not both")
+        tiled = isinstance(self.vision, TiledVisionTransformer)
         if document_ids is not None:  # packed: the flat media list is one row of N images for the checks below
+            if tiled or self.cfg.xattn.media_span != "index":
+                raise ValueError("document_ids (packed rows) need media_span='index' and the CLIP vision encoder; "
+                                 "packing Mllama rows is not supported")
             images, latents = self._packed_media(input_ids, images, latents, media_index, cache)
+        if (aspect_ratio_ids is not None) != (tiled and (images is not None or latents is not None)):
+            raise ValueError("aspect_ratio_ids (B, T_img) are needed with images / latents of the tiled vision "
+                             "encoder (Mllama), and only then")
+        if media_index is not None and self.cfg.xattn.media_span != "index":
+            raise ValueError("media_index is for xattn.media_span='index'; Mllama's spans come from the <image> "
+                             "tokens")
         if images is not None:
-            self._check_images(images, None if document_ids is not None else input_ids)
+            self._check_images(images, None if document_ids is not None else input_ids, aspect_ratio_ids)
         elif latents is not None:
             self._check_latents(latents, None if document_ids is not None else input_ids)
         if labels is not None:
@@ -225,40 +297,47 @@ class Flamingo(nn.Module):
                     f"input_ids: {input_ids.shape[1]} more tokens overflow the cache "
                     f"({cache.lm.length} of max_length={cache.lm.max_length} used)"
                 )
+        if aspect_ratio_ids is not None:
+            self._check_aspect_ratio_ids(aspect_ratio_ids, images if images is not None else latents)
         if images is not None:
-            latents = self.encode_images(images)
+            latents = self.encode_images(images, aspect_ratio_ids)
 
-        # Images consumed by earlier calls (decoding), so media_index continues where the cache left off.
-        start = None
-        if cache is not None:
-            start = cache.media_count if cache.media_count is not None else input_ids.new_zeros(b)
+        # The media state of earlier calls (decoding), so the spans continue where the cache left off.
+        state = None if cache is None else cache.media_state
         num_media = latents.shape[1] if latents is not None else (cache.num_media if cache is not None else 0)
+        key_count = None
+        if aspect_ratio_ids is not None:
+            key_count = self.key_count(aspect_ratio_ids)
+        elif cache is not None:
+            key_count = cache.key_count
         media_index_given = media_index is not None
-        if not media_index_given:
-            media_index = self.compute_media_index(input_ids, start)
+        media, new_state = self.media_for_tokens(input_ids, state, key_count)
+        if media_index_given:
+            media = media_index
         if not torch.compiler.is_compiling():
-            self._check_values(input_ids, media_index, num_media, media_index_given, labels)
+            self._check_values(input_ids, media, num_media, media_index_given, labels)
 
         # All checks passed: only now update the cache.
         media_kv = None
         if cache is not None:
             if latents is not None:
-                cache.media_kv, cache.num_media = self.media_kv(latents), latents.shape[1]
-            cache.media_count = start + (input_ids == self.cfg.image_token_id).sum(dim=1)
+                cache.media_kv, cache.num_media, cache.key_count = self.media_kv(latents), latents.shape[1], key_count
+            cache.media_state = new_state
             media_kv = cache.media_kv
 
         logits = self.lm(input_ids, cache=None if cache is None else cache.lm,
-                         before_block=self.xattn_before_block(media_index, latents, media_kv,
+                         before_block=self.xattn_before_block(media, latents, media_kv,
                                                               packed=document_ids is not None),
                          key_padding_mask=key_padding_mask, positions=positions, document_ids=document_ids)
         loss = None if labels is None else self.loss(logits, labels)
         return FlamingoOutput(logits=logits, loss=loss)
 
-    def xattn_before_block(self, media_index: torch.Tensor, latents: Optional[torch.Tensor] = None,
+    def xattn_before_block(self, media_index: Media, latents: Optional[torch.Tensor] = None,
                            media_kv: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None,
                            packed: bool = False) -> BeforeBlock:
         """The LM's `before_block` hook: xattn layer i on these media right before LM block i. Cached
         `media_kv` wins over `latents`; with neither (no images) only the layers' gated FFW acts.
+        `media_index`: (B, S), or MediaSpans (Mllama; `media_for_tokens` gives either).
 
         `packed`: latents are the batch's flat list (1, N, n, Dm) and media_index (B, S) indexes it. The layer
         then runs on the batch as one row of B * S tokens, sorted by media index (stable): the media ops need
@@ -325,7 +404,8 @@ class Flamingo(nn.Module):
         if input_ids.dim() != 2 or 0 in input_ids.shape:
             raise ValueError(f"input_ids must be 2-D (B, S) with B >= 1 and S >= 1, got shape {tuple(input_ids.shape)}")
 
-    def _check_images(self, images, input_ids: Optional[torch.Tensor] = None) -> None:
+    def _check_images(self, images, input_ids: Optional[torch.Tensor] = None,
+                      aspect_ratio_ids: Optional[torch.Tensor] = None) -> None:
         if not torch.is_tensor(images):
             raise TypeError(f"images must be a tensor (B, T_img, F, C, H, W), got {type(images).__name__}")
         if images.dim() != 6:
@@ -333,7 +413,10 @@ class Flamingo(nn.Module):
         self.vision.check_images(images)
         if images.shape[1] < 1 or images.shape[2] < 1:
             raise ValueError(f"images must have T_img >= 1 and F >= 1, got shape {tuple(images.shape)}")
-        if images.shape[2] > self.cfg.resampler.max_frames:
+        if isinstance(self.vision, TiledVisionTransformer):
+            if aspect_ratio_ids is None:
+                raise ValueError("images of the tiled vision encoder need aspect_ratio_ids (B, T_img)")
+        elif self.resampler is not None and images.shape[2] > self.cfg.resampler.max_frames:
             raise ValueError(
                 f"images has F={images.shape[2]} frames; the resampler supports at most "
                 f"resampler.max_frames={self.cfg.resampler.max_frames}"
@@ -347,14 +430,27 @@ class Flamingo(nn.Module):
                 raise ValueError(f"images are on {images.device} but input_ids are on {input_ids.device}")
 
     def _check_latents(self, latents, input_ids: Optional[torch.Tensor]) -> None:
-        rc = self.cfg.resampler
+        n, dm = self.cfg.keys_per_media, self.cfg.media_dim
         if not torch.is_tensor(latents) or not latents.is_floating_point():
             raise TypeError("latents must be a floating-point tensor (B, T_img, n_latents, Dm)")
         rows = latents.shape[0] if input_ids is None else input_ids.shape[0]
-        if latents.dim() != 4 or latents.shape[2:] != (rc.n_latents, rc.dim) or latents.shape[0] != rows:
-            raise ValueError(f"latents must be ({rows}, T_img, {rc.n_latents}, {rc.dim}), got {tuple(latents.shape)}")
+        if latents.dim() != 4 or latents.shape[2:] != (n, dm) or latents.shape[0] != rows:
+            raise ValueError(f"latents must be ({rows}, T_img, {n}, {dm}), got {tuple(latents.shape)}")
         if input_ids is not None and latents.device != input_ids.device:
             raise ValueError(f"latents are on {latents.device} but input_ids are on {input_ids.device}")
+
+    def _check_aspect_ratio_ids(self, aspect_ratio_ids, media: torch.Tensor) -> None:
+        if not torch.is_tensor(aspect_ratio_ids) or aspect_ratio_ids.dtype not in (torch.int32, torch.int64):
+            got = aspect_ratio_ids.dtype if torch.is_tensor(aspect_ratio_ids) else type(aspect_ratio_ids).__name__
+            raise TypeError(f"aspect_ratio_ids must be an int32/int64 tensor (B, T_img), got {got}")
+        if aspect_ratio_ids.shape != media.shape[:2] or aspect_ratio_ids.device != media.device:
+            raise ValueError(f"aspect_ratio_ids must be (B, T_img) = {tuple(media.shape[:2])} on {media.device}, got "
+                             f"{tuple(aspect_ratio_ids.shape)} on {aspect_ratio_ids.device}")
+        if not torch.compiler.is_compiling() and holds_values(aspect_ratio_ids):
+            low, high = int(aspect_ratio_ids.min()), int(aspect_ratio_ids.max())
+            if low < 0 or high > len(self.cfg.vision.aspect_ratios):
+                raise ValueError(f"aspect_ratio_ids must lie in [0, {len(self.cfg.vision.aspect_ratios)}] (0 = padding "
+                                 f"image), got values in [{low}, {high}]")
 
     def _check_media_index(self, media_index, input_ids: torch.Tensor) -> None:
         if not torch.is_tensor(media_index) or media_index.dtype not in (torch.int32, torch.int64):
@@ -375,11 +471,15 @@ class Flamingo(nn.Module):
                 f"got {tuple(labels.shape)} on {labels.device}"
             )
 
-    def _check_values(self, input_ids, media_index, num_media: int, media_index_given: bool,
+    def _check_values(self, input_ids, media: Media, num_media: int, media_index_given: bool,
                       labels: Optional[torch.Tensor] = None) -> None:
         # Eager only: these read tensor values (one host sync).
         if not holds_values(input_ids):
             return
+        if isinstance(media, MediaSpans):  # the highest image seen is end - 1; nothing below -1
+            media_index = media.end - 1
+        else:
+            media_index = media
         values = [input_ids.min(), input_ids.max(), media_index.min().long(), media_index.max().long()]
         if labels is not None:  # -100 (ignored) aside, a label outside the vocabulary is a device-side assert on GPU
             kept = labels.masked_fill(labels == -100, 0)
@@ -388,8 +488,10 @@ class Flamingo(nn.Module):
         ids_min, ids_max, mi_min, mi_max = stats[:4]
         if ids_min < 0 or ids_max >= self.cfg.vocab_size:
             raise ValueError(f"input_ids must lie in [0, {self.cfg.vocab_size}), got values in [{ids_min}, {ids_max}]")
-        if labels is not None and (stats[4] < 0 or stats[5] >= self.cfg.vocab_size):
-            raise ValueError(f"labels must lie in [0, {self.cfg.vocab_size}) or be -100 (ignored), got values in "
+        # Labels index the logits (V + 2 wide, or V when the special tokens are input-only); <image> is ignored.
+        if labels is not None and (stats[4] < 0 or (stats[5] >= self.lm.output_size
+                                                    and stats[5] != self.cfg.image_token_id)):
+            raise ValueError(f"labels must lie in [0, {self.lm.output_size}) or be -100 (ignored), got values in "
                              f"[{stats[4]}, {stats[5]}] besides -100")
         if mi_min < -1:
             raise ValueError(f"media_index must be >= -1, got {mi_min}")

@@ -59,20 +59,24 @@ class _Decoder:
     """Incremental forward passes over a batch of rows with an LM KV cache and cached media K/V."""
 
     def __init__(self, model: Flamingo, rows: int, max_length: int, padded: bool, media_cache: str,
-                 images: Optional[torch.Tensor], latents: Optional[torch.Tensor]):
+                 images: Optional[torch.Tensor], latents: Optional[torch.Tensor],
+                 aspect_ratio_ids: Optional[torch.Tensor] = None):
         self.model, self.lm = model, model.lm
         weight = self.lm.embed_tokens.weight
         self.cache = self.lm.new_cache(rows, max_length, dtype=weight.dtype, device=weight.device)
         # Padding keys so far (True = padding); None when no row is padded: the LM's fast causal path.
         self.key_padding = torch.zeros(rows, max_length, dtype=torch.bool, device=weight.device) if padded else None
-        self.media_count = torch.zeros(rows, dtype=torch.long, device=weight.device)
+        self.media_state = None  # Flamingo.media_for_tokens' state: where the media spans continue
+        self.key_count = None if aspect_ratio_ids is None else model.key_count(aspect_ratio_ids)
+        self.aspect_ratio_ids = aspect_ratio_ids
         self.media_cache, self.images, self.latents = media_cache, images, latents
         self.media_kv = model.media_kv(latents) if (latents is not None and media_cache == "kv") else None
 
     def _media_for_step(self):
         """(latents, media_kv) for the xattn layers; both None without images."""
         if self.media_cache == "none" and self.images is not None:
-            return self.model.encode_images(self.images), None  # re-encoded every step (benchmark mode)
+            # re-encoded every step (benchmark mode)
+            return self.model.encode_images(self.images, self.aspect_ratio_ids), None
         if self.latents is None:
             return None, None
         return (None, self.media_kv) if self.media_cache == "kv" else (self.latents, None)
@@ -80,7 +84,10 @@ class _Decoder:
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep rows `rows` (beam search); the media is shared within a prompt's beams, so it stays."""
         self.cache.reorder(rows)
-        self.media_count = self.media_count.index_select(0, rows)
+        if self.media_state is not None:  # a (B,) tensor or a NamedTuple of them
+            state = self.media_state
+            self.media_state = (state.index_select(0, rows) if torch.is_tensor(state)
+                                else type(state)(*(t.index_select(0, rows) for t in state)))
         if self.key_padding is not None:
             self.key_padding = self.key_padding.index_select(0, rows)
 
@@ -93,16 +100,15 @@ class _Decoder:
         if self.key_padding is not None:
             self.key_padding[:, start:end] = ~valid
             key_padding_mask = self.key_padding[:, :end]
-        media_index = self.model.compute_media_index(ids, self.media_count)
-        self.media_count = self.media_count + (ids == self.model.cfg.image_token_id).sum(1)
-        xattn = self.model.xattn_before_block(media_index, *self._media_for_step())
+        media, self.media_state = self.model.media_for_tokens(ids, self.media_state, self.key_count)
+        xattn = self.model.xattn_before_block(media, *self._media_for_step())
         h = self.lm.hidden_states(self.lm.embed(ids), self.cache, xattn, key_padding_mask)
         return self.lm.logits(h[:, -1])
 
 
 # -- logits processing -----------------------------------------------------------------------------------------
 def _suppress(logits: torch.Tensor, token_ids: Iterable[int]) -> torch.Tensor:
-    ids = list(token_ids)
+    ids = [i for i in token_ids if i < logits.shape[-1]]  # input-only special tokens have no logit
     if ids:
         logits[:, ids] = float("-inf")
     return logits
@@ -175,6 +181,7 @@ def generate(
     suppress_token_ids: Sequence[int] = (),
     generator: Optional[torch.Generator] = None,
     media_cache: str = "kv",
+    aspect_ratio_ids: Optional[torch.Tensor] = None,
 ) -> GenerationOutput:
     """Continue each prompt row of `input_ids` (B, S) (left-padded, see `attention_mask`) given its
     images (B, T_img, F, C, H, W) or precomputed `latents` (B, T_img, n, Dm). Greedy by default;
@@ -182,7 +189,8 @@ def generate(
     beam search (deterministic). Stops a row at any of `eos_token_ids` (default `<|endofchunk|>`) or after
     max_new_tokens; `<image>` and `suppress_token_ids` are never generated. Finished rows are padded with
     pad_token_id (default cfg.pad_token_id or 0) internally. media_cache: "kv" (default), or "latents" /
-    "none" (slower, for benchmarks)."""
+    "none" (slower, for benchmarks). Tiled vision (Mllama): images (B, T_img, max_tiles, C, H, W) with
+    aspect_ratio_ids (B, T_img)."""
     _check_inputs(model, input_ids, attention_mask, images, latents, num_beams, max_new_tokens, temperature,
                   top_p, media_cache)
     if num_beams > 1 and do_sample:
@@ -194,21 +202,25 @@ def generate(
     input_ids = input_ids.to(device)
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
     padded = not bool(valid.all())
+    if aspect_ratio_ids is not None:
+        aspect_ratio_ids = aspect_ratio_ids.to(device)
+        model._check_aspect_ratio_ids(aspect_ratio_ids, images if images is not None else latents)
     if images is not None:
-        model._check_images(images, input_ids)
+        model._check_images(images, input_ids, aspect_ratio_ids)
         images = images.to(device)
-        latents = model.encode_images(images) if media_cache != "none" else None
+        latents = model.encode_images(images, aspect_ratio_ids) if media_cache != "none" else None
     elif latents is not None:
         model._check_latents(latents, input_ids)
     num_media = images.shape[1] if images is not None else (latents.shape[1] if latents is not None else 0)
-    model._check_values(input_ids, model.compute_media_index(input_ids), num_media, False)
+    key_count = None if aspect_ratio_ids is None else model.key_count(aspect_ratio_ids)
+    model._check_values(input_ids, model.media_for_tokens(input_ids, None, key_count)[0], num_media, False)
 
     never = [cfg.image_token_id, *map(int, suppress_token_ids)]
     if num_beams > 1:
         return _beam_search(model, input_ids, valid, padded, images, latents, media_cache, max_new_tokens,
-                            min_new_tokens, num_beams, length_penalty, stop, pad, never)
+                            min_new_tokens, num_beams, length_penalty, stop, pad, never, aspect_ratio_ids)
     decoder = _Decoder(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, padded, media_cache,
-                       images, latents)
+                       images, latents, aspect_ratio_ids)
     logits = decoder.step(input_ids, valid)
     rows = input_ids.shape[0]
     done = torch.zeros(rows, dtype=torch.bool, device=device)
@@ -265,7 +277,7 @@ class _Hypotheses:
 
 
 def _beam_search(model, input_ids, valid, padded, images, latents, media_cache, max_new_tokens, min_new_tokens,
-                 beams, length_penalty, stop, pad, never) -> GenerationOutput:
+                 beams, length_penalty, stop, pad, never, aspect_ratio_ids=None) -> GenerationOutput:
     device = input_ids.device
     batch = input_ids.shape[0]
 
@@ -273,7 +285,7 @@ def _beam_search(model, input_ids, valid, padded, images, latents, media_cache, 
         return None if t is None else t.repeat_interleave(beams, dim=0)  # each prompt's rows side by side
 
     decoder = _Decoder(model, batch * beams, input_ids.shape[1] + max_new_tokens, padded, media_cache,
-                       expand(images), expand(latents))
+                       expand(images), expand(latents), expand(aspect_ratio_ids))
     logits = decoder.step(expand(input_ids), expand(valid))
     beam_scores = torch.zeros(batch, beams, dtype=torch.float64, device=device)
     beam_scores[:, 1:] = float("-inf")  # all beams start equal: expand only the first at step 0

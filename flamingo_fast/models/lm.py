@@ -12,6 +12,7 @@ safetensors map one-to-one:
     lm_head.weight                          (V, D)
     special_embed.weight                    (2, D)    `<image>` (id V) and `<|endofchunk|>` (id V + 1)
     special_head.weight                     (2, D)    their output rows; logits = [lm_head(h), special_head(h)]
+                                                      (absent with LMConfig.special_logits=False: logits (V))
 
 The two special rows live in their own modules (as OpenFlamingo's decoupled embedding / linear) so that
 exactly they train while the base rows stay frozen, without masking gradients.
@@ -34,6 +35,7 @@ positions restart at 0 at every document's first token unless `positions` are pa
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -62,12 +64,29 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_positions: int) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: long wavelengths slowed by `factor`, short ones kept, a smooth blend between."""
+    low_freq_wavelen = original_max_positions / low_freq_factor
+    high_freq_wavelen = original_max_positions / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 llama3: Optional[tuple[float, float, float, int]] = None):
     """positions (S,) or per row (B, S) -> cos, sin (1 or B, S, 1, head_dim) for BSHD tensors.
+    `llama3`: LMConfig.rope_llama3 (Llama 3.1 frequency scaling), None for plain RoPE.
 
     Computed on the fly rather than stored as buffers: no buffer to re-initialise after building on the
     meta device, and torch.compile folds it into the graph."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    if llama3 is not None:
+        inv_freq = llama3_inv_freq(inv_freq, *llama3)
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     if emb.dim() == 2:
@@ -204,7 +223,8 @@ class LanguageModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.special_head = nn.Linear(cfg.dim, 2, bias=False)
+        # None when the special tokens are input-only (LMConfig.special_logits).
+        self.special_head = nn.Linear(cfg.dim, 2, bias=False) if cfg.special_logits else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -255,7 +275,7 @@ class LanguageModel(nn.Module):
                 positions = (torch.arange(start, start + s, device=x.device) if key_padding_mask is None
                              else padded_positions(key_padding_mask, s))
         mask = None if key_padding_mask is None else padding_attention_mask(key_padding_mask, s)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype, self.cfg.rope_llama3)
         for i, layer in enumerate(self.layers):
             if before_block is not None:
                 x = before_block(i, x)
@@ -288,7 +308,14 @@ class LanguageModel(nn.Module):
             raise ValueError("document_ids (packed training rows) cannot be combined with a KV cache or "
                              "key_padding_mask (generation)")
 
+    @property
+    def output_size(self) -> int:
+        """Width of the logits: V + 2, or V when the special tokens are input-only."""
+        return self.cfg.vocab_size + 2 * int(self.special_head is not None)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.special_head is None:
+            return self.lm_head(h)
         return torch.cat([self.lm_head(h), self.special_head(h)], dim=-1)
 
     def forward(

@@ -17,8 +17,9 @@ from flamingo_fast.ops import cuda_backend
 
 BACKENDS = ("cuda", "torch", "reference")
 ENV_VAR = "FLAMINGO_FAST_BACKEND"
-# document_attention: the cuda backend declines it (no Hopper document mask yet), so it resolves to torch.
-OP_NAMES = cuda_backend.OP_NAMES + ("document_attention",)
+# document_attention, media_span_attention: the cuda backend declines them (no Hopper document mask, no image
+# ranges yet), so they resolve to torch.
+OP_NAMES = cuda_backend.OP_NAMES + ("document_attention", "media_span_attention")
 
 
 def available_backends() -> tuple[str, ...]:

@@ -2,9 +2,10 @@
 
 The public SDPA does not return the log-sum-exp our ops save for backward, so this calls the aten entry
 points behind it, `_scaled_dot_product_flash_attention_for_cpu` (-> out, lse) and its `_backward`. They
-take BHSD views of our BSHD tensors without copies, support GQA natively and every float dtype
-(lse float32, float64 for float64 inputs). Being private, they are looked up defensively: where they
-are missing the torch backend uses blockwise.py instead.
+take BHSD views of our BSHD tensors without copies, support GQA natively (backward gets K/V repeated per
+query head all the same, see `backward`) and every float dtype (lse float32, float64 for float64 inputs).
+Being private, they are looked up defensively: where they are missing the torch backend uses blockwise.py
+instead.
 
 Causal masking: aten's is_causal is top-left aligned, ours bottom-right. Sq == Sk is the same thing;
 Sq > Sk leaves the first Sq - Sk rows without keys (out 0, lse -inf) and the rest is a top-left causal
@@ -55,11 +56,17 @@ def forward(q, k, v, causal: bool, scale: float):
 
 def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     first, is_causal, mask = _causal_plan(q, k, causal)
+    # ATen's GQA backward (Hkv < Hq) runs 15-40x slower with 2 threads as soon as another process shares the
+    # cores (measured on the 2-core machine; alike with 1 thread): K/V repeated per query head avoid that path.
+    group = q.shape[2] // k.shape[2]
+    k_heads, v_heads = (x.repeat_interleave(group, dim=2) for x in (k, v)) if group > 1 else (k, v)
     dq, dk, dv = _BACKWARD(
-        _bhsd(dout[:, first:]), _bhsd(q[:, first:]), _bhsd(k), _bhsd(v), _bhsd(out[:, first:]),
+        _bhsd(dout[:, first:]), _bhsd(q[:, first:]), _bhsd(k_heads), _bhsd(v_heads), _bhsd(out[:, first:]),
         lse[..., first:], 0.0, is_causal, attn_mask=mask, scale=scale,
     )
     dq, dk, dv = (_bhsd(g).contiguous() for g in (dq, dk, dv))
+    if group > 1:  # sum the repeated heads' gradients back onto their KV head
+        dk, dv = (g.unflatten(2, (k.shape[2], group)).sum(dim=3) for g in (dk, dv))
     if first:
         dq = torch.cat([dq.new_zeros(q.shape[0], first, *q.shape[2:]), dq], dim=1)
     return dq, dk, dv

@@ -69,6 +69,9 @@ def unsupported_reason(op_name: str, *tensors: torch.Tensor) -> str | None:
     """None when the fused kernels can run `op_name` on these tensors (q, k, v[, ...]); else why not."""
     if op_name == "document_attention":
         return "the Hopper attention engine has no document mask yet (issue 15); the torch backend runs it"
+    if op_name == "media_span_attention":
+        return ("the Hopper media kernel takes one image index per token; image ranges and ragged key counts "
+                "are not in the kernel yet")
     problem = build_problem(op_name)
     if problem is not None:
         return problem
@@ -123,6 +126,14 @@ def media_cross_attention_bwd(
             *_c(dout, q, k, v, out, lse, media_index), latents_per_media, only_immediate, scale
         )
     )
+
+
+def media_span_attention_fwd(q, k, v, start, end, key_offset, key_count, scale: float):
+    _require("media_span_attention", q, k, v)  # always raises: no kernel yet
+
+
+def media_span_attention_bwd(dout, q, k, v, out, lse, start, end, key_offset, key_count, scale: float):
+    _require("media_span_attention", q, k, v)
 
 
 def perceiver_attention_fwd(q, k, v, scale: float):

@@ -64,6 +64,17 @@ class MediaPlan:
                     yield MediaChunk(rows[i : i + step], valid[i : i + step], key_index[i : i + step], num_keys)
 
 
+def token_runs(*index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Runs of consecutive tokens of one row on which every (B, S) tensor in `index` is constant, over the
+    flattened B*S tokens -> (run of each token, first token of each run, length of each run)."""
+    new_run = torch.ones(index[0].shape, dtype=torch.bool, device=index[0].device)  # each row starts a new run
+    new_run[:, 1:] = torch.stack([x[:, 1:] != x[:, :-1] for x in index]).any(dim=0)
+    new_run = new_run.reshape(-1)
+    run_id = torch.cumsum(new_run, 0) - 1
+    run_first = new_run.nonzero().squeeze(1)
+    return run_id, run_first, torch.bincount(run_id, minlength=run_first.shape[0])
+
+
 def _block_start_offset(offset, run_length):
     """Offset (inside its run) of the first token of each token's block, and that block's size."""
     full = run_length // MAX_BLOCK * MAX_BLOCK
@@ -79,16 +90,10 @@ def plan_media_blocks(
     """Blocks of consecutive tokens that share one image, grouped by block size."""
     batch, seq = media_index.shape
     device = media_index.device
-    mi = media_index.long()
-    new_run = torch.ones_like(mi, dtype=torch.bool)
-    new_run[:, 1:] = mi[:, 1:] != mi[:, :-1]
-    new_run = new_run.reshape(-1)  # each row starts a new run
-    mi = mi.reshape(-1)
-    pos = torch.arange(batch * seq, device=device)
-    run_id = torch.cumsum(new_run, 0) - 1
-    run_first = pos[new_run]  # flat position of each run's first token
-    run_length = torch.bincount(run_id, minlength=run_first.shape[0])[run_id]
-    offset = pos - run_first[run_id]
+    run_id, run_first, run_lengths = token_runs(media_index)
+    mi = media_index.long().reshape(-1)
+    run_length = run_lengths[run_id]
+    offset = torch.arange(batch * seq, device=device) - run_first[run_id]
     block_offset, size = _block_start_offset(offset, run_length)
     starts_block = (offset == block_offset) & (mi >= 0)
 

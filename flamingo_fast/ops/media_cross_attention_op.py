@@ -7,6 +7,8 @@ from torch import Tensor
 
 from flamingo_fast.ops._dispatch import implementation
 from flamingo_fast.ops.backends import resolve_backend
+from flamingo_fast.ops.media_span_op import media_span_attention
+from flamingo_fast.ops.media_spans import MediaSpans
 from flamingo_fast.ops.reference import lse_dtype
 from flamingo_fast.ops.validation import check_media_cross_attention
 
@@ -63,14 +65,21 @@ def _backward(ctx, dout, _dlse):
 media_cross_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def media_cross_attention(q: Tensor, k: Tensor, v: Tensor, media_index: Tensor, latents_per_media: int = 64,
-                          only_immediate: bool = True, backend: str | None = None) -> Tensor:
+def media_cross_attention(q: Tensor, k: Tensor, v: Tensor, media_index: Tensor | MediaSpans,
+                          latents_per_media: int = 64, only_immediate: bool = True,
+                          backend: str | None = None) -> Tensor:
     """Flamingo's masked cross-attention, BSHD: q (B, S, Hq, d), k/v (B, T_img * latents_per_media, Hkv, d).
 
     media_index (B, S) int32/int64, non-decreasing per row, -1 = no image yet. A token with index m attends
     to keys [m * L, (m + 1) * L) (only_immediate) or [0, (m + 1) * L) (all previous images); a token with
     -1 gets exactly 0 output and 0 gradient. Scale d ** -0.5. Returns (B, S, Hq, d).
+
+    media_index may also be a MediaSpans (image ranges, ragged key counts: an index is a range of one image);
+    the call is then media_span_attention(q, k, v, media_index, backend=backend), and latents_per_media and
+    only_immediate are not used (the spans say it all).
     """
+    if isinstance(media_index, MediaSpans):
+        return media_span_attention(q, k, v, media_index, backend=backend)
     check_media_cross_attention(q, k, v, media_index, latents_per_media, only_immediate)
     name = resolve_backend("media_cross_attention", q, k, v, media_index, backend=backend)
     return media_cross_attention_fwd(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from flamingo_fast.ops.media_spans import MediaSpans, dense_mask
 from flamingo_fast.ops.validation import check_document_order
 
 
@@ -113,6 +114,16 @@ def media_cross_attention_bwd(
     dout, q, k, v, out, lse, media_index, latents_per_media: int, only_immediate: bool, scale: float
 ):
     mask = media_mask(media_index, k.shape[1], latents_per_media, only_immediate)[:, None]
+    return _backward(dout, q, k, v, mask, scale)
+
+
+def media_span_attention_fwd(q, k, v, start, end, key_offset, key_count, scale: float):
+    mask = dense_mask(MediaSpans(start, end, key_offset, key_count), k.shape[1])[:, None]
+    return _forward(q, k, v, mask, scale)
+
+
+def media_span_attention_bwd(dout, q, k, v, out, lse, start, end, key_offset, key_count, scale: float):
+    mask = dense_mask(MediaSpans(start, end, key_offset, key_count), k.shape[1])[:, None]
     return _backward(dout, q, k, v, mask, scale)
 
 

@@ -5,6 +5,8 @@
 - document_attention (packed rows): each document gathered into its own row, one dense causal call
   (document_torch.py), so no cross-document pair is computed.
 - media_cross_attention: query blocks that each visit only their own image's keys (media_torch.py).
+- media_span_attention: each run of tokens with one image range against its images' valid keys, gathered,
+  batched into dense unmasked calls (media_span_torch.py).
 All return (out, lse) forward and (dq, dk, dv) backward, contiguous, as the custom ops expect.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from flamingo_fast.ops import blockwise, cpu_flash, document_torch
+from flamingo_fast.ops import blockwise, cpu_flash, document_torch, media_span_torch
 from flamingo_fast.ops.media_torch import media_cross_attention_bwd, media_cross_attention_fwd
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "document_attention_fwd",
     "media_cross_attention_bwd",
     "media_cross_attention_fwd",
+    "media_span_attention_bwd",
+    "media_span_attention_fwd",
     "perceiver_attention_bwd",
     "perceiver_attention_fwd",
 ]
@@ -64,6 +68,14 @@ def document_attention_bwd(dout, q, k, v, out, lse, document_ids, scale: float):
     if _no_queries(q):
         return attention_bwd(dout, q, k, v, out, lse, True, scale)
     return document_torch.backward(_dense(q), dout, q, k, v, out, lse, document_ids, scale)
+
+
+def media_span_attention_fwd(q, k, v, start, end, key_offset, key_count, scale: float):
+    return media_span_torch.forward(_dense(q), q, k, v, start, end, key_offset, key_count, scale)
+
+
+def media_span_attention_bwd(dout, q, k, v, out, lse, start, end, key_offset, key_count, scale: float):
+    return media_span_torch.backward(_dense(q), dout, q, k, v, out, lse, start, end, key_offset, key_count, scale)
 
 
 def perceiver_attention_fwd(q, k, v, scale: float):

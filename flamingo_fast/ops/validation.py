@@ -1,7 +1,8 @@
 """Input checks for the public attention ops; messages name the argument and what was expected.
 
 Shape, dtype and device checks are free (metadata only) and always run. The media_index *value* checks
-(>= -1, non-decreasing per row, < number of images) need a device->host sync, so they run:
+(>= -1, non-decreasing per row, < number of images), and those of MediaSpans (ranges within the images,
+key ranges within k/v), need a device->host sync, so they run:
   - never while torch.compile traces (they would break the graph),
   - always for CPU tensors,
   - for CUDA tensors only when FLAMINGO_FAST_CHECK_MEDIA_INDEX=1, because a sync per cross-attention layer
@@ -15,6 +16,8 @@ import os
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
+
+from flamingo_fast.ops.media_spans import MediaSpans
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -121,10 +124,15 @@ def check_media_cross_attention(q, k, v, media_index, latents_per_media, only_im
         raise ValueError(
             f"{op}: media_index is on {media_index.device} but q is on {q.device}; it must be on q's device"
         )
-    if torch.compiler.is_compiling() or not holds_values(media_index):
-        return
-    if media_index.device.type == "cpu" or os.environ.get(CHECK_ENV_VAR) == "1":
+    if _reads_values(media_index):
         check_media_index_values(media_index, k.shape[1] // latents_per_media)
+
+
+def _reads_values(t: torch.Tensor) -> bool:
+    """Whether the value checks run for `t`: eager, holding values, and on CPU or with the env var set."""
+    if torch.compiler.is_compiling() or not holds_values(t):
+        return False
+    return t.device.type == "cpu" or os.environ.get(CHECK_ENV_VAR) == "1"
 
 
 def holds_values(t: torch.Tensor) -> bool:
@@ -149,3 +157,58 @@ def check_media_index_values(media_index: torch.Tensor, num_media: int) -> None:
     if media_index.shape[1] > 1 and bool((media_index[:, 1:] < media_index[:, :-1]).any()):
         row = int((media_index[:, 1:] < media_index[:, :-1]).any(dim=1).nonzero()[0])
         raise ValueError(f"{op}: media_index must be non-decreasing along each row; row {row} decreases")
+
+
+def _check_index_tensor(op: str, name: str, t, shape: tuple, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if _shape(t) != shape:
+        raise ValueError(f"{op}: {name} must have shape {shape}, got {_shape(t)}")
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected torch.int32 or torch.int64")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but q is on {device}; it must be on q's device")
+
+
+def check_media_span_attention(q, k, v, spans, scale) -> None:
+    op = "media_span_attention"
+    check_qkv(op, q, k, v)
+    check_scale(op, scale)
+    if not isinstance(spans, MediaSpans):
+        raise TypeError(f"{op}: spans must be a flamingo_fast.ops.MediaSpans, got {type(spans).__name__}")
+    count = spans.key_count
+    if not isinstance(count, torch.Tensor):
+        raise TypeError(f"{op}: spans.key_count must be a torch.Tensor, got {type(count).__name__}")
+    if count.dim() != 2:
+        raise ValueError(f"{op}: spans.key_count must be a (batch, images) tensor, got shape {_shape(count)}")
+    images = (q.shape[0], count.shape[1])
+    for name, t, shape in (("start", spans.start, _shape(q)[:2]), ("end", spans.end, _shape(q)[:2]),
+                           ("key_offset", spans.key_offset, images), ("key_count", count, images)):
+        _check_index_tensor(op, f"spans.{name}", t, shape, q.device)
+    if _reads_values(spans.start):
+        check_media_span_values(spans, k.shape[1])
+
+
+def check_media_span_values(spans: MediaSpans, num_keys: int) -> None:
+    """Data checks (host sync): 0 <= start <= end <= T; each image's keys within [0, num_keys), disjoint."""
+    op = "media_span_attention"
+    start, end, offset, count = (t.long() for t in spans.tensors())
+    if start.numel() and bool((start < 0).any()):
+        raise ValueError(f"{op}: spans.start must be >= 0, found {int(start.min())}")
+    if start.numel() and bool((end < start).any()):
+        raise ValueError(f"{op}: spans.end must be >= spans.start (start == end: no image)")
+    if end.numel() and int(end.max()) > spans.num_media:
+        raise ValueError(f"{op}: spans.end reaches image {int(end.max())} but key_count describes only "
+                         f"{spans.num_media} images per row")
+    if count.numel() == 0:
+        return
+    if int(count.min()) < 0 or int(offset.min()) < 0:
+        raise ValueError(f"{op}: spans.key_count and spans.key_offset must be >= 0")
+    if int((offset + count).max()) > num_keys:
+        raise ValueError(f"{op}: spans.key_offset + spans.key_count reaches key {int((offset + count).max())} "
+                         f"but k/v hold {num_keys} keys")
+    # Sorted by first key (images without keys last), each image must end before the next one starts.
+    first, order = torch.where(count > 0, offset, num_keys).sort(dim=1)
+    last = first + count.gather(1, order)
+    if bool((last[:, :-1] > first[:, 1:]).any()):
+        raise ValueError(f"{op}: the key ranges of two images of one row overlap (spans.key_offset, spans.key_count)")
