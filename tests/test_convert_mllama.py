@@ -1,10 +1,13 @@
 """Llama 3.2 Vision (Mllama): tiny random transformers models saved as safetensors, imported, compared.
 
-transformers 5.24 lets tokens that see no image (text before the first `<|image|>`, left padding) attend to
-every vision key and adds that to the residual (huggingface/transformers#39379: `full_text_row_masked_out_mask`
-is applied to the MLP only). Meta's reference implementation zeroes those rows' attention output, and so does
-this project. The parity tests therefore run transformers with that one-line fix (`_reference_rows`); a separate
-test checks the unpatched model on prompts that start with an image, where the two agree.
+transformers 5.24 differs from Meta's reference implementation (which the released weights were trained with) in
+two places, and the parity tests run it with both put back to the reference (`_reference`):
+* tokens that see no image (text before the first `<|image|>`, left padding) attend to every vision key and add
+  that to the residual (huggingface/transformers#39379: `full_text_row_masked_out_mask` is applied to the MLP
+  only); the reference zeroes those rows' attention output, and so does this project;
+* the vision encoder's "intermediate layer i" features are layer i's output in 5.24 but its input in the
+  reference and in transformers 4.x (the #39643 regression, fixed by #40083 in 4.56, back in 5.x).
+A separate test puts back only the second and checks rows that start with an image, where the first never acts.
 """
 
 import json
@@ -13,6 +16,7 @@ import pytest
 import torch
 
 import transformers  # dev extra; deliberately not importorskip: these parity tests must run in CI
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.mllama import modeling_mllama
 from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
                                                           get_cross_attention_token_mask)
@@ -56,6 +60,25 @@ def mllama_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ours(mllama_folder):
     return from_hf_mllama(mllama_folder[1]).eval()
+
+
+def _reference_vision(monkeypatch):
+    """transformers' vision encoder recording each layer's input (hidden_states[i] = input of layer i), as Meta's
+    reference and transformers 4.x, so that `intermediate_layers_indices` pick the same features."""
+    def forward(self, hidden_states, attention_mask=None):
+        states = ()
+        for layer in self.layers:
+            states += (hidden_states,)
+            hidden_states = layer(hidden_states=hidden_states, attention_mask=attention_mask)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=states + (hidden_states,))
+
+    monkeypatch.setattr(modeling_mllama.MllamaVisionEncoder, "forward", forward)
+
+
+def _reference(monkeypatch):
+    """Both fixes (module docstring)."""
+    _reference_vision(monkeypatch)
+    _reference_rows(monkeypatch)
 
 
 def _reference_rows(monkeypatch):
@@ -126,7 +149,7 @@ def test_config_read(mllama_folder):
 
 def test_logits_match_transformers(mllama_folder, ours, monkeypatch):
     hf, _ = mllama_folder
-    _reference_rows(monkeypatch)
+    _reference(monkeypatch)
     batch = _batch(ROWS, ASPECT)
     with torch.no_grad():
         expected = hf(**batch, position_ids=_hf_positions(batch["attention_mask"])).logits
@@ -141,8 +164,9 @@ def test_logits_match_transformers(mllama_folder, ours, monkeypatch):
     torch.testing.assert_close(alone[0], got[0, :4], atol=1e-5, rtol=0)
 
 
-def test_unpatched_transformers_agree_when_rows_start_with_an_image(mllama_folder, ours):
+def test_transformers_cross_attention_agrees_when_rows_start_with_an_image(mllama_folder, ours, monkeypatch):
     hf, _ = mllama_folder
+    _reference_vision(monkeypatch)  # transformers' own cross-attention layers: #39379 never acts on these rows
     rows = [[IMAGE, *_text(6, 6), IMAGE, IMAGE, *_text(3, 7)], [IMAGE, *_text(11, 8)]]  # equal lengths
     batch = _batch(rows, [[4, 8, 2], [7]], seed=1)
     batch.pop("attention_mask")
@@ -154,7 +178,7 @@ def test_unpatched_transformers_agree_when_rows_start_with_an_image(mllama_folde
 
 def test_greedy_generation_matches_transformers_with_media_kv_cached_once(mllama_folder, ours, monkeypatch):
     hf, _ = mllama_folder
-    _reference_rows(monkeypatch)
+    _reference(monkeypatch)
     batch = _batch(ROWS, ASPECT, seed=2)
     with torch.no_grad():
         expected = hf.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)

@@ -60,7 +60,8 @@ def test_tiny_config_shapes():
 @pytest.mark.parametrize("overrides, match", [
     ({"vision": {"kind": "vit"}}, "vision.kind must be"),
     ({"vision": {"aspect_ratios": ((1, 3),)}}, "at most max_tiles"),
-    ({"connector": "resampler"}, "needs connector='projector'"),
+    ({"connector": "resampler"}, "go together"),
+    ({"xattn": {"media_span": "index"}}, "go together"),
     ({"xattn": {"layer_ids": (1, 5)}}, "layer_ids must be LM block indices"),
     ({"xattn": {"layer_ids": (2, 1)}}, "increasing"),
     ({"xattn": {"media_span": "all"}}, "media_span must be"),
@@ -155,6 +156,45 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="packing Mllama rows is not supported"):
         model(ids, images[0], aspect_ratio_ids=aspect, document_ids=torch.zeros_like(ids), media_index=ids * 0)
     bad = ids.clone()
-    bad[1, 1:4] = 40  # 4 image tokens, 3 image slots
+    bad[0, 8] = 40  # row 0: 4 image tokens, 3 image slots
     with pytest.raises(ValueError, match="a row has 4 <image> tokens"):
         model(bad, images, aspect_ratio_ids=aspect)
+
+
+def test_flamingo_config_cannot_take_mllama_spans():
+    with pytest.raises(ValueError, match="go together"):
+        FlamingoConfig.from_preset("demo", xattn={"media_span": "groups"})
+
+
+def test_image_token_on_a_padding_slot_is_refused():
+    model = _model()
+    ids, images, aspect = _inputs()
+    bad = ids.clone()
+    bad[1, 4] = 40  # row 1's second <image>: slot 1 is a padding image (aspect ratio id 0)
+    with pytest.raises(ValueError, match="row 1's <image> token number 2 stands for image slot 1, a padding image"):
+        model(bad, images, aspect_ratio_ids=aspect)
+
+
+def test_generate_checks_like_forward():
+    from flamingo_fast.models.generate import generate
+
+    model = _model()
+    ids, images, aspect = _inputs()
+    with pytest.raises(ValueError, match="aspect_ratio_ids"):
+        generate(model, ids, images, eos_token_ids=[2])
+    with pytest.raises(ValueError, match="aspect_ratio_ids"):
+        generate(model, ids[:, :2], aspect_ratio_ids=aspect, eos_token_ids=[2])
+    with pytest.raises(ValueError, match="default stop token <\\|endofchunk\\|> .* has no logit"):
+        generate(model, ids, images, aspect_ratio_ids=aspect)
+    out = generate(model, ids, images, aspect_ratio_ids=aspect, eos_token_ids=[2], max_new_tokens=3)
+    assert all(len(t) <= 3 for t in out.tokens)
+
+
+def test_selective_checkpointing_keeps_span_attention():
+    """Selective activation checkpointing saves the span attention's output instead of recomputing it."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from train.parallel import _save_matmuls_policy
+
+    policy = _save_matmuls_policy()
+    assert policy(None, torch.ops.flamingo_fast.media_span_attention_fwd.default) == CheckpointPolicy.MUST_SAVE

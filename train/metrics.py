@@ -143,7 +143,7 @@ class FlopCounter:
         # One encoder pass: an image (tiled: every tile in one sequence) or a frame (CLIP).
         self.tiled = v.kind == "tiled"
         # Real tiles of each aspect ratio id (0: a padding image), for BatchShape.from_batch; None: untiled.
-        self.tiles_of = [0] + [rows * cols for rows, cols in v.aspect_ratios] if self.tiled else None
+        self.tiles_of = list(v.tiles_per_aspect_ratio) if self.tiled else None
         if self.tiled:
             encoders = (model.vision.transformer, model.vision.global_transformer)
             self.vision_block_params = sum(_linear_params(encoder) for encoder in encoders)

@@ -110,7 +110,7 @@ def _save_matmuls_policy():
     save = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
             aten._scaled_dot_product_flash_attention.default,
             aten._scaled_dot_product_efficient_attention.default}
-    for name in ("attention_fwd", "media_cross_attention_fwd", "perceiver_attention_fwd"):
+    for name in ("attention_fwd", "media_cross_attention_fwd", "media_span_attention_fwd", "perceiver_attention_fwd"):
         op = getattr(getattr(torch.ops, "flamingo_fast", None), name, None)
         if op is not None:
             save.add(op.default)

@@ -130,8 +130,7 @@ def from_hf_mllama(folder: str | os.PathLike, dtype: Optional[torch.dtype] = Non
     folder = Path(folder)
     source = str(folder)
     cfg = mllama_config(folder)
-    t = read_json(folder / "config.json").get("text_config") or {}
-    cross = sorted(int(i) for i in t.get("cross_attention_layers", [3, 8, 13, 18, 23, 28, 33, 38]))
+    cross = [block + n for n, block in enumerate(cfg.xattn.layer_ids)]  # back to transformers' decoder indices
     with torch.device("meta"):
         model = Flamingo(cfg)
     ours = dict(model.named_parameters())
@@ -160,8 +159,9 @@ def from_hf_mllama(folder: str | os.PathLike, dtype: Optional[torch.dtype] = Non
             if tensor.shape[0] < vocab + 2:
                 raise ValueError(f"{source}: {hf_name} has {tensor.shape[0]} rows, expected >= {vocab + 2} "
                                  "(text vocabulary + <|image|> + reserved rows)")
-            loader.put("lm.embed_tokens.weight", tensor[:vocab], hf_name)
-            loader.put("lm.special_embed.weight", tensor[vocab:vocab + 2], hf_name)
+            # Copies, not views: the 6 unused reserved rows must not stay alive behind them.
+            loader.put("lm.embed_tokens.weight", tensor[:vocab].clone(), hf_name)
+            loader.put("lm.special_embed.weight", tensor[vocab:vocab + 2].clone(), hf_name)
             continue
         name, part = names[hf_name]
         if part is None:

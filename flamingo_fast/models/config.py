@@ -94,6 +94,11 @@ class VisionConfig:
         return self.num_patches + 1
 
     @property
+    def tiles_per_aspect_ratio(self) -> tuple[int, ...]:
+        """Real tiles of an image by its aspect ratio id: 0 for id 0 (a padding image), then rows * cols."""
+        return (0, *(rows * cols for rows, cols in self.aspect_ratios))
+
+    @property
     def output_dim(self) -> int:
         """Feature width handed to the resampler / projector."""
         return self.width * (1 + len(self.intermediate_layers)) if self.kind == "tiled" else self.width
@@ -286,8 +291,8 @@ class FlamingoConfig:
     pad_token_id: Optional[int] = None
     name: str = "custom"
     # How vision features become the xattn layers' keys/values: "resampler" (Flamingo: n_latents latents per
-    # image, width resampler.dim) or "projector" (Mllama: one Linear from vision.output_dim to lm.dim per token;
-    # every tile token is a key).
+    # image, width resampler.dim) or "projector" (Mllama, with vision.kind "tiled": one Linear from
+    # vision.output_dim to lm.dim per token; every tile token is a key).
     connector: str = "resampler"
 
     def __post_init__(self) -> None:
@@ -325,16 +330,20 @@ class FlamingoConfig:
         """Key slots per image: n_latents (resampler), or every token of every tile (projector)."""
         if self.connector == "resampler":
             return self.resampler.n_latents
-        v = self.vision
-        return v.max_tiles * v.tokens_per_tile if v.kind == "tiled" else v.num_features
+        return self.vision.max_tiles * self.vision.tokens_per_tile
 
     def validate(self) -> None:
         for part in (self.vision, self.resampler, self.xattn, self.lm):
             part.validate()
         if self.connector not in ("resampler", "projector"):
             raise ValueError(f"connector must be 'resampler' or 'projector', got {self.connector!r}")
-        if self.vision.kind == "tiled" and self.connector != "projector":
-            raise ValueError("vision.kind='tiled' (Mllama) needs connector='projector'")
+        # The Mllama parts come together: tiles give the key counts the groups' spans need, and the projector
+        # is what turns tiles into keys.
+        mllama = (self.vision.kind == "tiled", self.connector == "projector", self.xattn.media_span == "groups")
+        if any(mllama) and not all(mllama):
+            raise ValueError(f"vision.kind='tiled', connector='projector' and xattn.media_span='groups' (Llama 3.2 "
+                             f"Vision) go together; got vision.kind={self.vision.kind!r}, connector={self.connector!r}, "
+                             f"xattn.media_span={self.xattn.media_span!r}")
         if self.xattn.layer_ids is not None and self.xattn.layer_ids and self.xattn.layer_ids[-1] >= self.lm.layers:
             raise ValueError(f"xattn.layer_ids must be LM block indices < lm.layers={self.lm.layers}, got "
                              f"{list(self.xattn.layer_ids)}")

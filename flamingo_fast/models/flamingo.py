@@ -95,7 +95,7 @@ class FlamingoCache:
     lm: KVCache
     media_kv: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None
     num_media: int = 0  # T_img of the cached media
-    # Where the media spans continue (Flamingo.media_for_tokens): (B,) images seen, or Mllama's GroupState.
+    # Where the media spans continue (Flamingo.media_for_tokens): (B,) images seen, or Mllama's ImageGroupState.
     media_state: Optional[torch.Tensor | ImageGroupState] = None
     key_count: Optional[torch.Tensor] = None  # (B, T_img) valid keys per cached image (tiled vision)
 
@@ -151,8 +151,8 @@ class Flamingo(nn.Module):
         return self
 
     def shard_units(self) -> list[list[nn.Module]]:
-        """Groups of modules to wrap as one FSDP unit each (then wrap the root): vision blocks, resampler,
-        and each LM block with the xattn layer that runs before it."""
+        """Groups of modules to wrap as one FSDP unit each (then wrap the root): vision blocks, the connector
+        (resampler or projector), and each LM block with the xattn layer that runs before it."""
         units: list[list[nn.Module]] = [[layer] for layer in self.vision_blocks]
         units.append([self.connector])
         for i, block in enumerate(self.lm.layers):
@@ -201,8 +201,6 @@ class Flamingo(nn.Module):
             tokens = self.projector(features).view(b, t, -1, self.cfg.lm.dim)
             return tokens * (aspect_ratio_ids > 0)[:, :, None, None].to(tokens.dtype)
         features = self.vision(images.reshape(b * t * f, *images.shape[3:]))
-        if self.projector is not None:  # a plain ViT with a projector: every feature of every frame is a key
-            return self.projector(features).view(b, t, -1, self.cfg.lm.dim)
         return self.resampler(features.view(b, t, f, *features.shape[1:]))
 
     def key_count(self, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
@@ -222,8 +220,7 @@ class Flamingo(nn.Module):
         start, end, state = continue_image_groups(is_image, state if state is not None else ImageGroupState.initial(input_ids))
         if key_count is None:  # no images: every span is empty
             key_count = input_ids.new_zeros(input_ids.shape[0], 0)
-        offset = torch.arange(key_count.shape[1], device=key_count.device) * self.cfg.keys_per_media
-        return MediaSpans(start, end, offset.expand_as(key_count), key_count), state
+        return MediaSpans.strided(start, end, key_count, self.cfg.keys_per_media), state
 
     def media_kv(self, latents: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each xattn layer's keys/values for these latents, keyed like `xattn_layers`."""
@@ -261,7 +258,7 @@ class Flamingo(nn.Module):
         key_padding_mask / positions: left-padded rows, passed to the LM; document_ids: packed rows, with
         images / latents as the batch's flat list (module docstring). Tiled vision (Mllama): images
         (B, T_img, max_tiles, C, H, W) with aspect_ratio_ids (B, T_img), also with `latents` (for the key
-        counts); the ids are kept in the cache."""
+        counts); the key counts are kept in the cache."""
         self._check_ids(input_ids)
         b = input_ids.shape[0]
         if images is not None and latents is not None:
@@ -272,9 +269,7 @@ class Flamingo(nn.Module):
                 raise ValueError("document_ids (packed rows) need media_span='index' and the CLIP vision encoder; "
                                  "packing Mllama rows is not supported")
             images, latents = self._packed_media(input_ids, images, latents, media_index, cache)
-        if (aspect_ratio_ids is not None) != (tiled and (images is not None or latents is not None)):
-            raise ValueError("aspect_ratio_ids (B, T_img) are needed with images / latents of the tiled vision "
-                             "encoder (Mllama), and only then")
+        self._check_tiled_media(images, latents, aspect_ratio_ids)
         if media_index is not None and self.cfg.xattn.media_span != "index":
             raise ValueError("media_index is for xattn.media_span='index'; Mllama's spans come from the <image> "
                              "tokens")
@@ -297,8 +292,6 @@ class Flamingo(nn.Module):
                     f"input_ids: {input_ids.shape[1]} more tokens overflow the cache "
                     f"({cache.lm.length} of max_length={cache.lm.max_length} used)"
                 )
-        if aspect_ratio_ids is not None:
-            self._check_aspect_ratio_ids(aspect_ratio_ids, images if images is not None else latents)
         if images is not None:
             latents = self.encode_images(images, aspect_ratio_ids)
 
@@ -332,23 +325,23 @@ class Flamingo(nn.Module):
         loss = None if labels is None else self.loss(logits, labels)
         return FlamingoOutput(logits=logits, loss=loss)
 
-    def xattn_before_block(self, media_index: Media, latents: Optional[torch.Tensor] = None,
+    def xattn_before_block(self, media: Media, latents: Optional[torch.Tensor] = None,
                            media_kv: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]] = None,
                            packed: bool = False) -> BeforeBlock:
         """The LM's `before_block` hook: xattn layer i on these media right before LM block i. Cached
         `media_kv` wins over `latents`; with neither (no images) only the layers' gated FFW acts.
-        `media_index`: (B, S), or MediaSpans (Mllama; `media_for_tokens` gives either).
+        `media`: media_index (B, S), or MediaSpans (Mllama; `media_for_tokens` gives either).
 
-        `packed`: latents are the batch's flat list (1, N, n, Dm) and media_index (B, S) indexes it. The layer
+        `packed`: latents are the batch's flat list (1, N, n, Dm) and `media` is a media_index (B, S) into it. The layer
         then runs on the batch as one row of B * S tokens, sorted by media index (stable): the media ops need
         a non-decreasing index along a row, and a packed row is not (a document's text before its own first
         image, -1, follows the previous document's images). Every other op of the layer is per token, so
         sorting its input and unsorting its output is exact."""
         order = None
         if packed:
-            flat_index = media_index.reshape(-1)
+            flat_index = media.reshape(-1)
             order = torch.argsort(flat_index, stable=True)
-            media_index, unsort = flat_index[order][None], torch.argsort(order)
+            media, unsort = flat_index[order][None], torch.argsort(order)
 
         def before_block(i: int, x: torch.Tensor) -> torch.Tensor:
             name = str(i)
@@ -356,9 +349,9 @@ class Flamingo(nn.Module):
                 return x
             kv = None if media_kv is None else media_kv[name]
             if order is None:
-                return self.xattn_layers[name](x, media_index, latents=latents, media_kv=kv)
+                return self.xattn_layers[name](x, media, latents=latents, media_kv=kv)
             flat = x.reshape(-1, x.shape[-1])[order][None]
-            return self.xattn_layers[name](flat, media_index, latents=latents, media_kv=kv)[0][unsort].view(x.shape)
+            return self.xattn_layers[name](flat, media, latents=latents, media_kv=kv)[0][unsort].view(x.shape)
 
         return before_block
 
@@ -439,6 +432,15 @@ class Flamingo(nn.Module):
         if input_ids is not None and latents.device != input_ids.device:
             raise ValueError(f"latents are on {latents.device} but input_ids are on {input_ids.device}")
 
+    def _check_tiled_media(self, images, latents, aspect_ratio_ids) -> None:
+        """aspect_ratio_ids (B, T_img) come with the images / latents of the tiled vision encoder, and only then."""
+        media = images if images is not None else latents
+        if (aspect_ratio_ids is not None) != (isinstance(self.vision, TiledVisionTransformer) and media is not None):
+            raise ValueError("aspect_ratio_ids (B, T_img) are needed with images / latents of the tiled vision "
+                             "encoder (Mllama), and only then")
+        if aspect_ratio_ids is not None:
+            self._check_aspect_ratio_ids(aspect_ratio_ids, media)
+
     def _check_aspect_ratio_ids(self, aspect_ratio_ids, media: torch.Tensor) -> None:
         if not torch.is_tensor(aspect_ratio_ids) or aspect_ratio_ids.dtype not in (torch.int32, torch.int64):
             got = aspect_ratio_ids.dtype if torch.is_tensor(aspect_ratio_ids) else type(aspect_ratio_ids).__name__
@@ -451,6 +453,18 @@ class Flamingo(nn.Module):
             if low < 0 or high > len(self.cfg.vision.aspect_ratios):
                 raise ValueError(f"aspect_ratio_ids must lie in [0, {len(self.cfg.vision.aspect_ratios)}] (0 = padding "
                                  f"image), got values in [{low}, {high}]")
+
+    @staticmethod
+    def _check_no_padding_image_seen(spans: MediaSpans) -> None:
+        """An <image> token must stand for a real image, not a padding slot (aspect ratio id 0, no keys): its
+        tokens would see no key and get no cross-attention, silently."""
+        slots = spans.key_count.shape[1]
+        seen = torch.arange(slots, device=spans.end.device) < spans.end.amax(dim=1, keepdim=True).clamp(max=slots)
+        bad = (seen & (spans.key_count == 0)).nonzero()
+        if bad.numel():
+            row, slot = bad[0].tolist()
+            raise ValueError(f"input_ids: row {row}'s <image> token number {slot + 1} stands for image slot {slot}, a "
+                             "padding image (aspect_ratio_id 0)")
 
     def _check_media_index(self, media_index, input_ids: torch.Tensor) -> None:
         if not torch.is_tensor(media_index) or media_index.dtype not in (torch.int32, torch.int64):
@@ -478,6 +492,7 @@ class Flamingo(nn.Module):
             return
         if isinstance(media, MediaSpans):  # the highest image seen is end - 1; nothing below -1
             media_index = media.end - 1
+            self._check_no_padding_image_seen(media)
         else:
             media_index = media
         values = [input_ids.min(), input_ids.max(), media_index.min().long(), media_index.max().long()]

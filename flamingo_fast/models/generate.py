@@ -198,13 +198,17 @@ def generate(
     cfg = model.cfg
     device = model.lm.embed_tokens.weight.device
     stop = [cfg.eoc_token_id] if eos_token_ids is None else [int(t) for t in eos_token_ids]
+    if eos_token_ids is None and cfg.eoc_token_id >= model.lm.output_size:
+        raise ValueError(f"eos_token_ids: the default stop token <|endofchunk|> (id {cfg.eoc_token_id}) has no logit in "
+                         "this model (its special tokens are input-only, as Llama 3.2 Vision's): pass the tokenizer's "
+                         "end-of-turn / eos id(s)")
     pad = (cfg.pad_token_id if cfg.pad_token_id is not None else 0) if pad_token_id is None else pad_token_id
     input_ids = input_ids.to(device)
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(device).bool()
     padded = not bool(valid.all())
+    model._check_tiled_media(images, latents, aspect_ratio_ids)
     if aspect_ratio_ids is not None:
         aspect_ratio_ids = aspect_ratio_ids.to(device)
-        model._check_aspect_ratio_ids(aspect_ratio_ids, images if images is not None else latents)
     if images is not None:
         model._check_images(images, input_ids, aspect_ratio_ids)
         images = images.to(device)

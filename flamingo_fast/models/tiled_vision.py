@@ -8,8 +8,13 @@ An image is resized and split into tiles of image_size px by the processor (data
     LayerNorm; each tile's tokens zero-padded to a multiple of 8
     local encoder (`layers` pre-LN layers) over all tiles' tokens together; LayerNorm
     + tanh(g_post) * post-tile embedding; global encoder (`global_layers` layers with tanh-gated residuals)
-    features = [global output, outputs of local `intermediate_layers` interleaved] per (tile, token), padding
-    tokens dropped: (max_tiles, tokens_per_tile, width * (1 + len(intermediate_layers)))
+    features = [global output, the INPUTS of local layers `intermediate_layers` interleaved] per (tile, token),
+    padding tokens dropped: (max_tiles, tokens_per_tile, width * (1 + len(intermediate_layers)))
+
+Intermediate layer i means the input of local layer i (the output of layer i - 1), as in Meta's reference
+(`ImageTransformer.forward` appends x before block i) and transformers 4.x; transformers 5.24 records each layer's
+output instead (the regression of its PR #39643, fixed in 4.56 by #40083, back in 5.x), which would feed the
+projector features one layer later than the released weights were trained on.
 
 Attention mask (as Meta's reference and transformers build it): a pair of tokens is masked only when BOTH are
 padding (a padding tile, or a padding token of the multiple-of-8 rounding); real tokens see padding tokens.
@@ -144,8 +149,8 @@ class TiledVisionTransformer(nn.Module):
 
     def tile_counts(self, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
         """Real tiles of each image: rows * cols of its aspect ratio; 0 for id 0 (a padding image)."""
-        per_id = [0] + [r * c for r, c in self.cfg.aspect_ratios]
-        return torch.tensor(per_id, device=aspect_ratio_ids.device)[aspect_ratio_ids.long()]
+        per_id = torch.tensor(self.cfg.tiles_per_aspect_ratio, device=aspect_ratio_ids.device)
+        return per_id[aspect_ratio_ids.long()]
 
     def check_images(self, images: torch.Tensor, name: str = "images") -> None:
         """Shape/dtype checks of (..., tiles, C, H, W) tiles, shared with Flamingo.forward."""
@@ -182,17 +187,17 @@ class TiledVisionTransformer(nn.Module):
         padded = p + (-p) % 8  # transformers / Meta pad every tile's tokens to a multiple of 8
         x = F.pad(x, (0, 0, 0, padded - p)).reshape(n, t * padded, cfg.width)
         mask = self._mask(self.tile_counts(aspect_ratio_ids), padded)
-        intermediate = []
+        intermediate = {}
         for i, layer in enumerate(self.transformer.layers):
-            x = layer(x, mask)
             if i in cfg.intermediate_layers:
-                intermediate.append(x)
+                intermediate[i] = x  # the input of layer i (module docstring)
+            x = layer(x, mask)
         x = self.layernorm_post(x)
         x = self.post_tile_positional_embedding(x.view(n, t, padded, cfg.width), aspect_ratio_ids)
         x = x.view(n, t * padded, cfg.width)
         for layer in self.global_transformer.layers:
             x = layer(x, mask)
         # Intermediate features interleaved per channel (stacked on a last dim, then flattened), as transformers.
-        layers = [intermediate[sorted(cfg.intermediate_layers).index(i)] for i in cfg.intermediate_layers]
+        layers = [intermediate[i] for i in cfg.intermediate_layers]
         features = torch.cat([x, torch.stack(layers, dim=-1).flatten(-2)], dim=-1) if layers else x
         return features.view(n, t, padded, -1)[:, :, :p]

@@ -54,6 +54,11 @@ class MediaSpans:
         (images at a fixed stride, padding tiles included).
         """
         start, end, _ = continue_image_groups(image_token_mask, ImageGroupState.initial(image_token_mask))
+        return MediaSpans.strided(start, end, key_count, keys_per_media)
+
+    @staticmethod
+    def strided(start: Tensor, end: Tensor, key_count: Tensor, keys_per_media: int) -> MediaSpans:
+        """Spans over images stored at a fixed stride: image j's keys start at j * keys_per_media."""
         offset = torch.arange(key_count.shape[1], dtype=key_count.dtype, device=key_count.device) * keys_per_media
         return MediaSpans(start, end, offset.repeat(key_count.shape[0], 1), key_count)
 
