@@ -13,7 +13,7 @@
 #   open_flamingo-2.0.1, einops_exts-0.0.4    (the OpenFlamingo parity tests and the train-step baseline)
 #   torchao-0.18.0 (optional)                 (the train step's compile+cuda+fp8 variant; without it: unavailable)
 # STAGES (default: all) picks stages by name, e.g. STAGES="build steps" after a call that ran the rest:
-#   build smoke tests kernels steps fp8 flex packing demo   (every stage after build needs it)
+#   build smoke tests kernels steps fp8 flex packing mllama demo   (every stage after build needs it)
 # Files written under $OUT (at most 8 come back): run.log build.log pytest.log bench.log bench.json extras.log
 # summary.json fp8_numerics.json.
 set -uo pipefail
@@ -25,7 +25,7 @@ START=$(date +%s)
 DEADLINE=${DEADLINE:-540}
 export PYTHONUNBUFFERED=1
 SCRATCH=$(mktemp -d)
-STAGES=${STAGES:-build smoke tests kernels steps fp8 flex packing demo}
+STAGES=${STAGES:-build smoke tests kernels steps fp8 flex packing mllama demo}
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -136,6 +136,15 @@ if [ "$BUILD_RC" -eq 0 ] && want packing; then
   tail -8 "$OUT/bench.log"
 fi
 
+if [ "$BUILD_RC" -eq 0 ] && want mllama; then
+  # Llama 3.2 Vision's cross-attention shapes: span attention (torch backend until the Hopper kernel takes image
+  # ranges, issue 20) against transformers' dense-mask SDPA and FlexAttention, forward and forward+backward.
+  stage "bench: Mllama cross-attention (limit $(limit 60) s)"
+  run_limited "$(limit 60)" "$PY" -m bench --device cuda --ops mllama --json "$SCRATCH/bench_mllama.json" \
+    >> "$OUT/bench.log" 2>&1
+  tail -14 "$OUT/bench.log"
+fi
+
 # 6. The demo's GPU path (FSDP + bf16 + fused kernels picked automatically), seconds-long.
 if [ "$BUILD_RC" -eq 0 ] && want demo; then
   stage "demo --quick on the GPU (limit $(limit 60) s)"
@@ -168,7 +177,7 @@ summary["tests"] = tests
 
 # One bench.json from the bench runs (the Flex run's own cuda rows repeat the first run's: dropped).
 rows = []
-for name in ("bench_kernels.json", "bench_e2e.json", "bench_flex.json", "bench_packing.json"):
+for name in ("bench_kernels.json", "bench_e2e.json", "bench_flex.json", "bench_packing.json", "bench_mllama.json"):
     try:
         part = json.loads((scratch / name).read_text())
     except (OSError, ValueError):
