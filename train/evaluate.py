@@ -29,6 +29,7 @@ from flamingo_fast.data.tokenizer import Tokenizer
 from flamingo_fast.eval.fewshot import TASKS, clean_prediction, exact_match
 from flamingo_fast.eval.text_generation import generate_text, never_generated, prompt_batch
 from flamingo_fast.eval.vqa import vqa_accuracy
+from flamingo_fast.models.generate import suppress_tokens
 
 # How each scored kind of sample is cleaned (clean_prediction reads only the task's kind).
 _CLEANING = {"caption": TASKS["shapes_caption"], "vqa": TASKS["shapes_vqa"]}
@@ -112,7 +113,7 @@ def greedy_generate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, to
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         while True:
             logits = model(ids, **media, key_padding_mask=padding if padded else None).logits[:, -1]
-            logits[:, [i for i in never if i < logits.shape[-1]]] = float("-inf")  # input-only tokens have no logit
+            logits = suppress_tokens(logits, never)
             token = torch.where(done, tokenizer.pad_id, logits.argmax(dim=-1))
             generated.append(token)
             done |= torch.isin(token, stop_ids)

@@ -204,8 +204,8 @@ def _image_positions(seq_len: int, images: int) -> list[int]:
 
 def _largest_aspect_ratio(vision) -> int:
     """The aspect ratio id with the most tiles (the first such): planned tiled images fill their canvas."""
-    tiles = [rows * cols for rows, cols in vision.aspect_ratios]
-    return tiles.index(max(tiles)) + 1
+    tiles = vision.tiles_per_aspect_ratio  # indexed by aspect ratio id, 0 tiles for id 0
+    return tiles.index(max(tiles))
 
 
 def fake_batch(model: nn.Module, micro_batch: int, seq_len: int, images: int) -> dict[str, torch.Tensor]:

@@ -107,8 +107,9 @@ class _Decoder:
 
 
 # -- logits processing -----------------------------------------------------------------------------------------
-def _suppress(logits: torch.Tensor, token_ids: Iterable[int]) -> torch.Tensor:
-    ids = [i for i in token_ids if i < logits.shape[-1]]  # input-only special tokens have no logit
+def suppress_tokens(logits: torch.Tensor, token_ids: Iterable[int]) -> torch.Tensor:
+    """logits (B, V') with the given ids set to -inf, in place; ids >= V' (input-only tokens) have no logit."""
+    ids = [i for i in token_ids if i < logits.shape[-1]]
     if ids:
         logits[:, ids] = float("-inf")
     return logits
@@ -233,7 +234,7 @@ def generate(
     stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
     generated = []
     for t in range(max_new_tokens):
-        logits = _suppress(logits.float(), never + (stop if t < min_new_tokens else []))
+        logits = suppress_tokens(logits.float(), never + (stop if t < min_new_tokens else []))
         next_ids = sample_next(logits, temperature, top_k, top_p, generator) if do_sample else logits.argmax(-1)
         scores += torch.where(done, 0.0, logits.log_softmax(-1).gather(1, next_ids[:, None]).squeeze(1).double())
         next_ids = torch.where(done, torch.full_like(next_ids, pad), next_ids)
@@ -298,7 +299,7 @@ def _beam_search(model, input_ids, valid, padded, images, latents, media_cache, 
     done = [False] * batch
     stop_set = set(stop)
     for t in range(max_new_tokens):
-        logits = _suppress(logits.float(), never + (stop if t < min_new_tokens else []))
+        logits = suppress_tokens(logits.float(), never + (stop if t < min_new_tokens else []))
         logprobs = logits.log_softmax(-1).double()
         vocab = logprobs.shape[-1]
         candidates = (logprobs + beam_scores.view(-1, 1)).view(batch, beams * vocab)

@@ -56,8 +56,9 @@ def forward(q, k, v, causal: bool, scale: float):
 
 def backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     first, is_causal, mask = _causal_plan(q, k, causal)
-    # ATen's GQA backward (Hkv < Hq) runs 15-40x slower with 2 threads as soon as another process shares the
-    # cores (measured on the 2-core machine; alike with 1 thread): K/V repeated per query head avoid that path.
+    # K/V repeated per query head instead of ATen's GQA backward (Hkv < Hq), which is slower and degrades badly
+    # when another process shares the cores: 1.33x alone, 2.0x / 2.8x with a 1- / 2-thread competitor (2 threads,
+    # 2-core machine; `python -m bench.cpu_gqa_backward`, bench/results/2026-12-05-cpu-2core-gqa-backward.json).
     group = q.shape[2] // k.shape[2]
     k_heads, v_heads = (x.repeat_interleave(group, dim=2) for x in (k, v)) if group > 1 else (k, v)
     dq, dk, dv = _BACKWARD(
